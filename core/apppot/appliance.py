@@ -1,0 +1,447 @@
+"""Start one appliance, relay its stdio, wait for its status, tear it down.
+
+Side effects live here (and in ``watchdog``); the argv comes from ``spec``.
+An ``Appliance`` owns: a private run directory (COW file, control disk,
+umid dir, notify socket, boot log), the UML process group, relay threads.
+``close()`` always leaves nothing behind, whatever happened.
+"""
+
+import ctypes
+import io
+import logging
+import os
+import resource
+import select
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import status as st
+from .errors import ApplianceError, ConfigError
+from .spec import Channels
+
+log = logging.getLogger(__name__)
+
+NOTIFY = struct.Struct("=IIiI")  # magic, version, type, len (mconsole.h)
+MCONSOLE_MAGIC = 0xCAFEBABE
+N_SOCKET, N_PANIC, N_HANG, N_USER = 0, 1, 2, 3
+FRAME = struct.Struct("!I")  # framed stdin, see init.unframe
+CONTROL_MIN = 64 << 10  # keeps the kernel's partition probe inside the disk
+STOP_GRACE = 2.0
+
+
+@dataclass
+class Notice:
+    """One message from the guest (``mconsole=notify:``)."""
+
+    kind: int
+    text: str
+    at: float
+
+
+def parse_notice(data, at=0.0):
+    """Decode a notify datagram; None if it is not one."""
+    if len(data) < NOTIFY.size:
+        return None
+    magic, _version, kind, length = NOTIFY.unpack_from(data)
+    if magic != MCONSOLE_MAGIC:
+        return None
+    text = data[NOTIFY.size:NOTIFY.size + length].split(b"\0")[0]
+    return Notice(kind, text.decode(errors="replace"), at)
+
+
+def write_control_disk(path, spec_json, changes=None):
+    """The control disk is a plain tar (block aligned), padded to 64 KiB."""
+    with open(path, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo("spec.json")
+            info.size, info.mode = len(spec_json), 0o600
+            tar.addfile(info, io.BytesIO(spec_json))
+            if changes:
+                tar.add(str(changes), arcname="changes.tar.gz", recursive=False)
+        if raw.tell() < CONTROL_MIN:
+            raw.truncate(CONTROL_MIN)
+    os.chmod(path, 0o400)
+
+
+def choose_memdir(environ=None):
+    """The directory UML will back guest RAM with (same rule as UML's)."""
+    environ = os.environ if environ is None else environ
+    for var in ("TMPDIR", "TMP", "TEMP"):
+        if environ.get(var):
+            return Path(environ[var]), var
+    if _is_tmpfs("/dev/shm"):
+        return Path("/dev/shm"), "/dev/shm"
+    return Path("/tmp"), "/tmp"
+
+
+def _is_tmpfs(path):
+    try:
+        with open("/proc/mounts") as f:
+            return any(line.split()[1] == path and line.split()[2] == "tmpfs"
+                       for line in f)
+    except OSError:
+        return False
+
+
+def check_memdir(mem_bytes, environ=None):
+    memdir, source = choose_memdir(environ)
+    try:
+        vfs = os.statvfs(memdir)
+    except OSError as e:
+        raise ConfigError(f"guest memory directory {str(memdir)!r} ({source}) "
+                          "is not usable", hint="set TMPDIR to a writable "
+                          "directory on tmpfs") from e
+    if vfs.f_flag & os.ST_NOEXEC:
+        raise ConfigError(f"guest memory directory {str(memdir)!r} ({source}) "
+                          "is mounted noexec", hint="UML maps guest RAM "
+                          "executable there: set TMPDIR to a tmpfs without "
+                          "noexec")
+    if not os.access(memdir, os.W_OK | os.X_OK):
+        raise ConfigError(f"guest memory directory {str(memdir)!r} ({source}) "
+                          "is not writable", hint="set TMPDIR to a writable "
+                          "directory")
+    free = vfs.f_bavail * vfs.f_frsize
+    if free < mem_bytes:
+        raise ConfigError(f"guest memory directory {str(memdir)!r} ({source}) "
+                          f"has {free >> 20} MiB free, --mem needs "
+                          f"{mem_bytes >> 20} MiB", hint="lower --mem or set "
+                          "TMPDIR to a larger tmpfs")
+    return memdir
+
+
+def check_max_map_count(mem_bytes, path="/proc/sys/vm/max_map_count"):
+    """Warn when one guest process could hit the host's mapping limit."""
+    try:
+        with open(path) as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    # the guest kernel keeps some RAM, so a process cannot map all of --mem
+    pages = mem_bytes // 4096 - (32 << 20) // 4096
+    if pages > limit:
+        want = 1 << (mem_bytes // 4096 + 4096).bit_length()
+        log.warning("--mem %d MiB: vm.max_map_count=%d lets one guest process "
+                    "map only %d MiB; processes using more may be killed",
+                    mem_bytes >> 20, limit, limit * 4096 >> 20)
+        log.warning("hint: ask the admin for: sysctl -w vm.max_map_count=%d",
+                    want)
+        return want
+    return None
+
+
+def _pdeathsig():
+    # If the launcher dies, the kernel kills UML's main process; the
+    # watchdog then kills the rest of its process group.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a panic dumps core
+
+
+class Appliance:
+    """One running UML appliance.  Use as a context manager."""
+
+    STOP_GRACE = STOP_GRACE
+
+    def __init__(self, rundir, *, name="appliance", keep=False, verbose=False,
+                 log_path=None, watchdog=None):
+        self.rundir = Path(rundir)
+        self.name = name
+        self.keep = keep
+        self.verbose = verbose
+        self.log_path = log_path
+        self.watchdog = watchdog
+        self.proc = None
+        self.notices = []
+        self.started_at = None
+        self.ready_at = None
+        self.booted_at = None
+        self.exit_code = None
+        self.failure = None
+        self.panic = None
+        self._threads = []
+        self._stdin_sink = None
+        self._stdin_go = threading.Event()
+        self._sock = None
+        self._close_fds = []
+        self._log_tail = []
+        self._log_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- start
+    def start(self, spec, env, *, stdout_fd=1, stderr_fd=2, stdin_fd=None,
+              interactive=False):
+        """Spawn UML for ``spec`` (whose channels must be ours: see
+        ``make_channels``) and start the relays."""
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(spec.notify))
+        argv = spec.argv()
+        log.debug("executing: %s", shlex.join(argv))
+        for key in ("TMPDIR", "LD_PRELOAD"):
+            if key in env:
+                log.debug("env: %s=%s", key, env[key])
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._console_w,
+            stderr=self._console_w, pass_fds=spec.channels.fds(), env=env,
+            preexec_fn=_pdeathsig, cwd=self.rundir)
+        if self.watchdog:
+            self.watchdog.track(self.proc.pid, self.rundir, keep=self.keep)
+        for fd in self._child_ends:
+            os.close(fd)
+        self._child_ends = []
+        self._relay(self._console_r, self._log_sink, "console")
+        if not interactive:
+            self._relay(self._out_r, _fd_sink(stdout_fd), "stdout")
+            self._relay(self._err_r, _fd_sink(stderr_fd), "stderr")
+            self._start_stdin(stdin_fd)
+        return self
+
+    def make_channels(self, interactive=False, terminal=None):
+        """Pipes (or the pty slave) that become the guest's channels."""
+        self._console_r, self._console_w = os.pipe()
+        self._child_ends = [self._console_w]
+        if interactive:
+            self._child_ends.append(terminal)
+            return Channels(console=self._console_w, terminal=terminal)
+        self._out_r, out_w = os.pipe()
+        self._err_r, err_w = os.pipe()
+        in_r, self._in_w = os.pipe()
+        self._child_ends += [out_w, err_w, in_r]
+        return Channels(console=self._console_w, stdout=out_w, stderr=err_w,
+                        stdin=in_r)
+
+    def _relay(self, src, sink, name):
+        def run():
+            try:
+                while data := os.read(src, 65536):
+                    sink(data)
+            except OSError:
+                pass
+            finally:
+                os.close(src)
+        t = threading.Thread(target=run, name=f"{self.name}-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _log_sink(self, data):
+        with self._log_lock:
+            self._log_tail = (self._log_tail + data.decode(
+                errors="replace").splitlines())[-40:]
+            with open(self.rundir / "console.log", "ab") as f:
+                f.write(data)
+            if self.log_path:
+                with open(self.log_path, "ab") as f:
+                    f.write(data)
+        if self.verbose:
+            os.write(2, data)
+
+    def _start_stdin(self, stdin_fd):
+        """Framed copy of our stdin once the guest has its tty open.
+
+        Data written earlier would sit unseen: UML's edge-triggered epoll
+        only notices input that arrives after the guest opens the tty.
+        """
+        in_w = self._in_w
+
+        def run():
+            try:
+                self._stdin_go.wait()
+                if stdin_fd is not None:
+                    while data := os.read(stdin_fd, 65536):
+                        _write_all(in_w, FRAME.pack(len(data)) + data)
+                _write_all(in_w, FRAME.pack(0))
+                # keep the pipe open: an EOF would hang up the guest tty
+                while self.proc.poll() is None:
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            finally:
+                os.close(in_w)
+        t = threading.Thread(target=run, name=f"{self.name}-stdin", daemon=True)
+        t.start()
+
+    # ------------------------------------------------------------------ wait
+    def poll_notices(self, timeout):
+        """Read guest notices for up to ``timeout`` s; True if any came."""
+        r, _, _ = select.select([self._sock], [], [], max(0.0, timeout))
+        if not r:
+            return False
+        while True:
+            try:
+                data = self._sock.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return True
+            notice = parse_notice(data, time.monotonic())
+            if notice:
+                self._handle(notice)
+
+    def _handle(self, n):
+        self.notices.append(n)
+        log.debug("%s: notice %d %r", self.name, n.kind, n.text)
+        if n.kind == N_SOCKET and self.booted_at is None:
+            self.booted_at = n.at
+        elif n.kind == N_PANIC:
+            self.panic = n.text
+        elif n.kind == N_USER and n.text.startswith("apppot:"):
+            word, _, rest = n.text[7:].partition(" ")
+            if word == "ready":
+                self.ready_at = n.at
+            elif word == "stdin":
+                self._stdin_go.set()
+            elif word == "exit":
+                self.exit_code = int(rest)
+            elif word == "fail":
+                self.failure = rest
+
+    def wait(self, *, boot_timeout=60.0, timeout=None, interrupted=None):
+        """Wait until UML exits; return the run's status (see ``status``).
+
+        ``interrupted()`` returning a signal number stops the run.
+        """
+        boot_deadline = self.started_at + boot_timeout
+        deadline = self.started_at + timeout if timeout else None
+        while self.proc.poll() is None:
+            self.poll_notices(0.1)
+            now = time.monotonic()
+            signum = interrupted() if interrupted else None
+            if signum:
+                self.stop()
+                raise ApplianceError(f"interrupted by signal {signum}",
+                                     status=st.from_signal(signum))
+            if self.ready_at is None and self.exit_code is None and (
+                    self.failure is None) and now > boot_deadline:
+                self.stop()
+                raise ApplianceError(
+                    f"{self.name}: not booted after {boot_timeout:g} s",
+                    status=st.BOOT_FAILED, hint="see the boot log (-v); "
+                    "raise --boot-timeout on a slow machine",
+                    details=self.log_tail())
+            if deadline and now > deadline:
+                self.stop()
+                raise ApplianceError(f"{self.name}: timeout after {timeout:g} s",
+                                     status=st.TIMEOUT)
+        self.poll_notices(0.0)
+        return self._result()
+
+    def _result(self):
+        rc = self.proc.returncode
+        if self.failure is not None:
+            raise ApplianceError(f"{self.name}: guest init failed: "
+                                 f"{self.failure}", status=st.BOOT_FAILED,
+                                 hint="see the boot log (-v)",
+                                 details=self.log_tail())
+        if self.exit_code is not None:
+            if rc != self.exit_code:
+                log.debug("%s: UML exit %s, guest said %s", self.name, rc,
+                          self.exit_code)
+            return self.exit_code
+        booted = self.ready_at is not None
+        what = f"guest kernel panic: {self.panic}" if self.panic else (
+            f"UML exited with status {rc}")
+        raise ApplianceError(
+            f"{self.name}: {'appliance crashed' if booted else 'boot failed'}"
+            f": {what}", status=st.GUEST_CRASHED if booted else st.BOOT_FAILED,
+            hint="see the boot log (-v)", details=self.log_tail())
+
+    def log_tail(self, lines=15):
+        with self._log_lock:
+            return "\n".join(self._log_tail[-lines:])
+
+    # ------------------------------------------------------------- teardown
+    def stop(self):
+        """SIGTERM the UML process group, SIGKILL after a grace period."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # UML calls setsid(): its pid is its pgid
+        for sig, grace in ((signal.SIGTERM, self.STOP_GRACE),
+                           (signal.SIGKILL, 5.0)):
+            if not _group_alive(pgid) and self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                try:
+                    self.proc.send_signal(sig)  # before UML's setsid()
+                except ProcessLookupError:
+                    pass
+            end = time.monotonic() + grace
+            while time.monotonic() < end and (
+                    self.proc.poll() is None or _group_alive(pgid)):
+                time.sleep(0.02)
+        self.proc.poll()
+
+    def close(self):
+        """Tear everything down; safe to call more than once."""
+        if self.proc is not None:
+            if self.proc.poll() is None or _group_alive(self.proc.pid):
+                self.stop()
+            # UML helpers can outlive the main pid: the group must be empty
+            if _group_alive(self.proc.pid):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._stdin_go.set()
+        for t in self._threads:
+            t.join(2.0)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        for fd in getattr(self, "_child_ends", []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._child_ends = []
+        if self.watchdog and self.proc is not None:
+            self.watchdog.untrack(self.proc.pid)
+        if not self.keep:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fd_sink(fd):
+    if callable(fd):
+        return fd
+
+    def sink(data):
+        try:
+            _write_all(fd, data)
+        except BrokenPipeError:
+            pass
+    return sink
+
+
+def make_rundir(prefix="apppot-"):
+    """A private (0700) run directory under $TMPDIR (or /tmp)."""
+    return Path(tempfile.mkdtemp(prefix=prefix))

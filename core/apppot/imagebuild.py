@@ -1,0 +1,308 @@
+"""apppot-image: build appliance images from Debian's packages, find them.
+
+    apppot-image build [--mpi openmpi|mpich|none] [--packages a,b] [--output IMG]
+    apppot-image path [--mpi X]
+
+A build has two cached layers, each reused while its inputs are unchanged:
+1. the root file system from Debian's packages (mmdebstrap, a tar);
+2. the image: that tree plus AppPot's guest side, ``mkfs.ext4 -d``, then one
+   boot of the new appliance that records the base state for apppot-snap.
+The finished image is made read-only: COW files record its mtime.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from . import __version__, kernel
+from .appliance import Appliance, write_control_disk
+from .config import apppot_home, common_cli, setup_logging
+from .errors import AppPotError, BuildError, ConfigError
+from .images import default_image
+from .spec import ApplianceSpec, GuestSpec
+from .watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+SUITE = "bookworm"
+BASE_PACKAGES = ("python3", "iproute2", "sudo", "procps", "less")
+MPI_PACKAGES = {
+    "openmpi": ("openmpi-bin", "python3-mpi4py"),
+    "mpich": ("mpich",),
+    "none": (),
+}
+# Debian's python3-mpi4py is built for Open MPI only; the MPICH image gets
+# mpi4py's PyPI wheel, which carries an MPICH-ABI build (libmpi.so.12).
+MPICH_MPI4PY = "mpi4py==4.1.2"
+GUEST_FILES = ("init.py", "snap.py")
+HERE = Path(__file__).parent
+SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
+
+
+def progress(step, total, text):
+    print(f"[{step}/{total}] {text}", file=sys.stderr, flush=True)
+
+
+def host_sources():
+    """The machine's own apt sources (its mirror or proxy), if Debian's."""
+    for path in SOURCES:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        if SUITE in text:
+            return path, text
+    return None, ""
+
+
+def rootfs_inputs(mpi, packages):
+    sources_path, sources = host_sources()
+    return {
+        "suite": SUITE,
+        "variant": "minbase",
+        "packages": sorted(set(BASE_PACKAGES) | set(MPI_PACKAGES[mpi])
+                           | set(packages)),
+        "sources": hashlib.sha256(sources.encode()).hexdigest(),
+        "sources_path": sources_path,
+        "mpi4py_wheel": MPICH_MPI4PY if mpi == "mpich" else None,
+    }
+
+
+def image_inputs(rootfs_key, mpi):
+    guest = hashlib.sha256()
+    for name in GUEST_FILES + ("imagebuild.py",):
+        guest.update((HERE / name).read_bytes())
+    return {"rootfs": rootfs_key, "mpi": mpi, "guest": guest.hexdigest(),
+            "apppot": __version__}
+
+
+def key_of(inputs):
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()
+                          ).hexdigest()[:20]
+
+
+def run_cmd(argv, **kwargs):
+    log.debug("executing: %s", shlex.join(str(a) for a in argv))
+    proc = subprocess.run([str(a) for a in argv], check=False, **kwargs)
+    if proc.returncode != 0:
+        raise BuildError(f"{Path(str(argv[0])).name} failed with status "
+                         f"{proc.returncode}", hint="see its output above",
+                         details=getattr(proc, "stderr", None))
+    return proc
+
+
+def build_rootfs(inputs, cache):
+    """Layer 1: mmdebstrap → tar (cached by its inputs)."""
+    key = key_of(inputs)
+    tar = cache / "rootfs" / f"{key}.tar"
+    if tar.exists():
+        log.info("reusing root file system %s", tar)
+        return tar, key
+    if not shutil.which("mmdebstrap"):
+        raise BuildError("mmdebstrap is not installed",
+                         hint="apt-get install mmdebstrap")
+    tar.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tar.with_suffix(".tmp.tar")
+    argv = ["mmdebstrap", "--variant=minbase", "--mode=root",
+            "--include=" + ",".join(inputs["packages"]),
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+            SUITE, tmp]
+    if inputs["sources_path"]:
+        argv.append(inputs["sources_path"])
+    run_cmd(argv)
+    os.replace(tmp, tar)
+    return tar, key
+
+
+def install_guest(root, mpi, wheel_dir):
+    """AppPot's guest side, and the MPICH mpi4py wheel."""
+    lib = root / "usr/lib/apppot"
+    lib.mkdir(parents=True, exist_ok=True)
+    for name in GUEST_FILES:
+        shutil.copy2(HERE / name, lib / name)
+        os.chmod(lib / name, 0o755)
+    snap = root / "usr/local/bin/apppot-snap"
+    snap.write_text("#!/bin/sh\nexec /usr/bin/python3 -IB "
+                    "/usr/lib/apppot/snap.py \"$@\"\n")
+    snap.chmod(0o755)
+    (root / "var/lib/apppot").mkdir(parents=True, exist_ok=True)
+    if mpi == "mpich":
+        wheels = list(Path(wheel_dir).glob("mpi4py-*.whl"))
+        if not wheels:
+            raise BuildError("mpi4py wheel missing", hint="check pip's output")
+        site = root / "usr/local/lib/python3.11/dist-packages"
+        site.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as whl:
+            whl.extractall(site)
+        libdir = root / "usr/local/lib"
+        link = libdir / "libmpi.so.12"  # the MPICH ABI name the wheel wants
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to("/usr/lib/x86_64-linux-gnu/libmpich.so.12"
+                        if platform.machine() == "x86_64" else
+                        f"/usr/lib/{platform.machine()}-linux-gnu/libmpich.so.12")
+        run_cmd(["ldconfig", "-r", root])
+    # leave no package caches or machine identity in the image
+    for pattern in ("var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",
+                    "var/lib/apt/lists/*_Packages", "var/log/*.log"):
+        for p in root.glob(pattern):
+            p.unlink()
+    (root / "etc/machine-id").write_text("")
+    (root / "etc/fstab").write_text("# mounts are made by apppot-init\n")
+
+
+def fetch_wheel(dest):
+    machine = platform.machine()
+    argv = [sys.executable, "-m", "pip", "download", "--no-deps",
+            "--only-binary=:all:", "--python-version", "3.11",
+            "--implementation", "cp", "--platform",
+            f"manylinux2014_{machine}", "-d", dest, MPICH_MPI4PY]
+    run_cmd(argv)
+
+
+def mkfs(root, out):
+    used = int(subprocess.run(["du", "-sb", str(root)], capture_output=True,
+                              text=True, check=True).stdout.split()[0])
+    # room for what users install in a session (the file is sparse)
+    size_mib = (int(used * 1.3) >> 20) + 1024
+    run_cmd(["mkfs.ext4", "-q", "-F", "-L", "apppot", "-d", root, out,
+             f"{size_mib}M"])
+
+
+def finalize(image, verbose):
+    """Boot the new image once: init records the base state (apppot-snap)."""
+    kern = kernel.find_kernel(os.environ.get("APPPOT_KERNEL"))
+    rundir = Path(tempfile.mkdtemp(prefix="apppot-build-"))
+    guest = GuestSpec(uid=0, gid=0, user="root", group="root", jobdir=None,
+                      action="finalize")
+    with Watchdog() as dog, Appliance(rundir, name="image-finalize",
+                                      verbose=verbose, watchdog=dog) as app:
+        control = rundir / "control.tar"
+        write_control_disk(control, guest.to_json())
+        spec = ApplianceSpec(
+            kernel=kern.path, umid="finalize", uml_dir=rundir, mem_bytes=256 << 20,
+            image=image, cow=None, control=control, notify=rundir / "notify",
+            channels=app.make_channels())
+        env = dict(os.environ)
+        shim = kernel.xstate_shim()
+        if shim:
+            env["LD_PRELOAD"] = str(shim)
+        app.start(spec, env, stdout_fd=2, stderr_fd=2)
+        code = app.wait(boot_timeout=180, timeout=600)
+    if code != 0:
+        raise BuildError(f"first boot of the new image failed (status {code})",
+                         hint="rerun with -v to see the boot log")
+
+
+def build(mpi="openmpi", packages=(), output=None, verbose=False, force=False):
+    if os.geteuid() != 0:
+        raise BuildError("apppot-image build needs root (Debian's packages "
+                         "install files owned by root)",
+                         hint="run it with sudo; any user can then use the "
+                         "image (--output puts it where they can read it)")
+    home = apppot_home()
+    out = Path(output).absolute() if output else default_image(mpi, home)
+    rinputs = rootfs_inputs(mpi, packages)
+    inputs = image_inputs(key_of(rinputs), mpi)
+    stamp = out.with_name(out.name + ".json")
+    if not force and out.exists() and stamp.exists():
+        try:
+            if json.loads(stamp.read_text()).get("inputs") == inputs:
+                progress(1, 1, f"image up to date: {out}")
+                return out
+        except (OSError, ValueError):
+            pass
+    t0 = time.monotonic()
+    progress(1, 4, f"root file system from Debian {SUITE} "
+             f"({', '.join(rinputs['packages'])})")
+    tar, _ = build_rootfs(rinputs, home)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="apppot-image-", dir=out.parent))
+    try:
+        root = work / "root"
+        root.mkdir()
+        progress(2, 4, "unpacking and installing AppPot's guest side")
+        run_cmd(["tar", "--numeric-owner", "-xpf", tar, "-C", root])
+        if mpi == "mpich":
+            fetch_wheel(work)
+        install_guest(root, mpi, work)
+        meta = {"mpi": mpi, "packages": rinputs["packages"], "suite": SUITE,
+                "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "apppot": __version__}
+        (root / "usr/lib/apppot/image.json").write_text(json.dumps(meta))
+        progress(3, 4, "making the ext4 image")
+        tmp_img = work / "image.img"
+        mkfs(root, tmp_img)
+        shutil.rmtree(root)
+        progress(4, 4, "first boot: recording the base state")
+        finalize(tmp_img, verbose)
+        os.chmod(tmp_img, 0o444)
+        if out.exists():
+            os.chmod(out, 0o644)
+        os.replace(tmp_img, out)
+        stamp.write_text(json.dumps({"inputs": inputs, **meta}, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size = out.stat().st_blocks * 512
+    print(f"built {out} ({size >> 20} MiB used) in "
+          f"{time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="apppot-image", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or reuse) an appliance image")
+    p = sub.add_parser("path", help="print where the default image is")
+    for sp in (b, p):
+        sp.add_argument("--mpi", choices=("openmpi", "mpich", "none"),
+                        default=os.environ.get("APPPOT_MPI") or "openmpi",
+                        help="MPI inside the image (default: %(default)s)")
+        common_cli(sp)
+    b.add_argument("--packages", default="",
+                   help="extra Debian packages, comma separated")
+    b.add_argument("--output", help="write the image here instead of the cache")
+    b.add_argument("--force", action="store_true",
+                   help="rebuild even if the inputs did not change")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.debug)
+    try:
+        if args.cmd == "path":
+            print(default_image(args.mpi))
+            return 0
+        packages = [p.strip() for p in args.packages.split(",") if p.strip()]
+        for p in packages:
+            if not all(c.isalnum() or c in "+-.:" for c in p):
+                raise ConfigError(f"--packages: bad package name {p!r}",
+                                  hint="comma-separated Debian package names")
+        build(args.mpi, packages, args.output, verbose=args.verbose >= 2,
+              force=args.force)
+        return 0
+    except AppPotError as e:
+        if args.debug:
+            raise
+        print(f"apppot-image: error: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Appliance images: where the default ones live, and checks before booting.
+
+Pure reads only; building images is ``apppot.imagebuild``.
+"""
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import apppot_home
+from .errors import ImageError
+
+EXT_MAGIC_OFFSET = 1024 + 56  # superblock s_magic
+EXT_MAGIC = 0xEF53
+COW_MAGIC = 0x4F4F4F4D  # "MOOO"
+COW_V3 = struct.Struct(">IIIQIII")  # magic, version, mtime, size, ...
+MPI_FLAVOURS = ("openmpi", "mpich", "none")
+
+
+def default_image(mpi="openmpi", home=None):
+    """Where ``apppot-image build --mpi MPI`` puts its image."""
+    if mpi not in MPI_FLAVOURS:
+        raise ImageError(f"unknown MPI flavour {mpi!r}",
+                         hint=f"use one of {', '.join(MPI_FLAVOURS)}")
+    return Path(home or apppot_home()) / "images" / f"apppot-{mpi}.img"
+
+
+@dataclass(frozen=True)
+class ImageChoice:
+    """The base image and, if the user named one, the COW file to use."""
+
+    base: Path
+    cow: Path | None = None
+
+
+def parse_image_arg(value, mpi="openmpi"):
+    """``--image IMG`` or ``--image COW:IMG`` (``COW,IMG`` as in 2012)."""
+    if not value:
+        return ImageChoice(default_image(mpi))
+    for sep in (":", ","):
+        if sep in value:
+            cow, base = value.split(sep, 1)
+            if not cow or not base:
+                raise ImageError(f"--image: cannot parse {value!r}",
+                                 hint="use IMG or COW:IMG")
+            return ImageChoice(Path(base).absolute(), Path(cow).absolute())
+    return ImageChoice(Path(value).absolute())
+
+
+def check_image(path):
+    """Raise ImageError unless ``path`` is a readable ext2/3/4 image."""
+    path = Path(path)
+    if not path.exists():
+        hint = ("build it with: apppot-image build" if path.parent.name ==
+                "images" else "check the path given to --image")
+        raise ImageError(f"appliance image not found: {str(path)!r}", hint=hint)
+    if "," in str(path):
+        raise ImageError(f"image path contains ',': {str(path)!r}",
+                         hint="UML splits disk options at commas; rename it")
+    try:
+        with open(path, "rb") as f:
+            f.seek(EXT_MAGIC_OFFSET)
+            magic = f.read(2)
+    except OSError as e:
+        raise ImageError(f"cannot read appliance image {str(path)!r}",
+                         hint="check its permissions") from e
+    if len(magic) < 2 or struct.unpack("<H", magic)[0] != EXT_MAGIC:
+        raise ImageError(f"{str(path)!r} is not an ext4 appliance image",
+                         hint="build one with apppot-image build")
+    return path
+
+
+def check_cow(cow, base):
+    """An existing COW file must match its base image (path, size, mtime)."""
+    cow = Path(cow)
+    if not cow.exists():
+        return
+    try:
+        with open(cow, "rb") as f:
+            head = f.read(COW_V3.size + 4096)
+    except OSError as e:
+        raise ImageError(f"cannot read COW file {str(cow)!r}",
+                         hint="check its permissions") from e
+    if len(head) < COW_V3.size or COW_V3.unpack_from(head)[0] != COW_MAGIC:
+        raise ImageError(f"{str(cow)!r} is not a UML COW file",
+                         hint="give a COW file made by UML, or a new name")
+    _, version, mtime, size, *_ = COW_V3.unpack_from(head)
+    if version != 3:
+        return  # older formats: let UML judge
+    st = os.stat(base)
+    if int(st.st_mtime) != mtime or st.st_size != size:
+        raise ImageError(
+            f"base image {str(base)!r} changed since COW file {str(cow)!r} "
+            "was made (size or mtime differ)",
+            hint="use a new COW file, or restore the base image's mtime "
+            "(cp --preserve=timestamps)")

@@ -1,0 +1,525 @@
+#!/usr/bin/python3 -IB
+"""Guest init of an AppPot appliance (PID 1 inside User-Mode Linux).
+
+Standard library only: this file is copied into the image as
+``/usr/lib/apppot/init.py`` and started by the kernel (``init=``).  The host
+hands everything over on the read-only control disk ``/dev/ubdb`` (a tar with
+``spec.json`` and optionally ``changes.tar.gz``), never on the kernel command
+line, which every host user can read with ``ps``.
+
+Channels to the host (set up by ``apppot.appliance``):
+
+* ``/dev/console``  boot and init messages (the host's log file);
+* ``/dev/ttyS0``    the program's stdout (raw), or the whole terminal when
+                    the session is interactive;
+* ``/dev/ttyS1``    the program's stderr (raw);
+* ``/dev/ttyS2``    the program's stdin, framed (see ``FRAME``);
+* ``/proc/mconsole`` short ``apppot:...`` notices to the launcher;
+* ``/proc/exitcode`` the status UML returns to the host.
+
+PID 1 must never exit (the kernel panics): every path ends in ``power_off``.
+"""
+
+import ctypes
+import json
+import os
+import signal
+import struct
+import sys
+import tarfile
+import termios
+import threading
+import time
+import traceback
+import tty
+
+LIB = "/usr/lib/apppot"
+CONTROL_DISK = "/dev/ubdb"
+RUN = "/run/apppot"
+FRAME = struct.Struct("!I")  # stdin frames: length, then data; 0 means EOF
+DRAIN_SECONDS = 2.0  # how long output of leftover daemons is awaited
+EXIT_BOOT = 120  # mirrors apppot.status.BOOT_FAILED
+T0 = time.monotonic()
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+
+
+class StepError(Exception):
+    """An init step failed; reported to the host as ``apppot:fail``."""
+
+
+def log(msg):
+    """Boot log line on the console (the host's log file, never stdout)."""
+    try:
+        with open("/dev/console", "w") as con:
+            con.write(f"apppot-init[{time.monotonic() - T0:6.3f}] {msg}\n")
+    except OSError:
+        pass
+
+
+def notify(msg):
+    """Tell the launcher something (``mconsole=notify:`` USER_NOTIFY)."""
+    try:
+        with open("/proc/mconsole", "w") as f:
+            f.write(f"apppot:{msg}"[:500])
+    except OSError:
+        log(f"cannot notify host: {msg}")
+
+
+def mount(source, target, fstype, flags=0, data=""):
+    os.makedirs(target, exist_ok=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), flags,
+                  os.fsencode(data)) != 0:
+        err = ctypes.get_errno()
+        raise StepError(f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def power_off(code):
+    """Report ``code`` through /proc/exitcode and halt; never returns."""
+    try:
+        os.sync()
+    except OSError:
+        pass
+    if not os.path.exists("/proc/exitcode"):  # failed before /proc was up
+        libc.mount(b"proc", b"/proc", b"proc", 0, None)
+    for path, value in (("/proc/exitcode", f"{code}\n"),
+                        ("/proc/sysrq-trigger", "o")):
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as e:
+            log(f"cannot write {path}: {e}")
+    time.sleep(5)  # sysrq power-off is asynchronous; if it did not happen:
+    libc.reboot(0x4321FEDC)  # RB_POWER_OFF
+    while True:  # PID 1 must not exit
+        time.sleep(60)
+
+
+# ---------------------------------------------------------------- the steps
+def step_mount_basics(ctx):
+    """1. Kernel file systems (/dev is devtmpfs, mounted by the kernel)."""
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+          "gid=5,mode=620,ptmxmode=666")
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    os.makedirs(RUN, mode=0o700, exist_ok=True)
+
+
+def step_read_control(ctx):
+    """2. Read spec.json (and the changes archive) from the control disk."""
+    try:
+        with tarfile.open(CONTROL_DISK, "r:") as tar:
+            for member in tar:
+                if member.name == "spec.json":
+                    ctx["spec"] = json.load(tar.extractfile(member))
+                elif member.name == "changes.tar.gz":
+                    dest = os.path.join(RUN, "changes.tar.gz")
+                    with open(dest, "wb") as out:
+                        src = tar.extractfile(member)
+                        while chunk := src.read(1 << 20):
+                            out.write(chunk)
+                    ctx["changes"] = dest
+    except (OSError, tarfile.TarError, ValueError) as e:
+        raise StepError(f"cannot read control disk {CONTROL_DISK}: {e}") from e
+    if "spec" not in ctx:
+        raise StepError(f"no spec.json on control disk {CONTROL_DISK}")
+    notify("booted")
+
+
+def step_hostname(ctx):
+    """3. Host name, /etc/hosts and the loopback interface."""
+    spec = ctx["spec"]
+    name = spec.get("hostname") or "apppot"
+    with open("/proc/sys/kernel/hostname", "w") as f:
+        f.write(name)
+    hosts = ["127.0.0.1\tlocalhost", f"127.0.1.1\t{name}"]
+    hosts += [f"{ip}\t{host}" for ip, host in spec.get("hosts", [])]
+    write_file("/etc/hosts", "\n".join(hosts) + "\n")
+    write_file("/etc/hostname", name + "\n")
+    run_quiet(["ip", "link", "set", "lo", "up"])
+
+
+def step_merge_changes(ctx):
+    """4. Merge a changes archive before users are mapped (it may hold
+    /etc/passwd)."""
+    if "changes" not in ctx:
+        return
+    import snap  # noqa: PLC0415  (sibling module in /usr/lib/apppot)
+
+    try:
+        stats = snap.merge(ctx["changes"])
+    except (OSError, snap.SnapError, tarfile.TarError) as e:
+        raise StepError(f"cannot merge changes archive: {e}") from e
+    log(f"merged changes: {stats}")
+
+
+def step_map_user(ctx):
+    """5. A guest user with the caller's uid/gid (hostfs files keep host
+    ids, so the job dir is writable and new files belong to the caller)."""
+    spec = ctx["spec"]
+    uid, gid = int(spec["uid"]), int(spec["gid"])
+    ctx["user"] = map_user(uid, gid, spec.get("user") or "apppot",
+                           spec.get("group") or "apppot")
+
+
+def step_mount_jobdir(ctx):
+    """6. The job dir through hostfs at its host path (the kernel's
+    ``hostfs=`` prefix already points at it, so the mount names no path)."""
+    jobdir = ctx["spec"].get("jobdir")
+    if jobdir:
+        mount("none", jobdir, "hostfs", MS_NODEV)
+
+
+def step_network(ctx):
+    """7. Network: none, slirp (user-mode NAT to the host's loopback), or a
+    plan of addresses the launcher computed (the MPI LAN)."""
+    for dev in ctx["spec"].get("net", []):
+        for cmd in dev.get("commands", []):
+            run_quiet(cmd)
+
+
+def step_hooks(ctx):
+    """8. Extra steps named by the spec (e.g. the MPI guest side)."""
+    for name in ctx["spec"].get("hooks", []):
+        module = __import__(name)
+        module.run(ctx["spec"], ctx["user"], log)
+
+
+def step_run(ctx):
+    """9. Run the program with its exact argv, relay stdio, wait for it."""
+    ctx["status"] = run_program(ctx["spec"], ctx["user"])
+
+
+def step_finalize(ctx):
+    """Image build only: record the base state for ``apppot-snap``."""
+    import snap  # noqa: PLC0415
+
+    snap.record_base()
+    log("base state recorded")
+    ctx["status"] = 0
+
+
+STEPS = [step_mount_basics, step_read_control, step_hostname,
+         step_merge_changes, step_map_user, step_mount_jobdir, step_network,
+         step_hooks, step_run]
+FINALIZE_STEPS = [step_mount_basics, step_read_control, step_finalize]
+
+
+# ------------------------------------------------------------------ helpers
+def write_file(path, text, mode=0o644):
+    tmp = path + ".apppot-tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def run_quiet(argv):
+    """Run a system tool, its output to the console; raise on failure."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fd = os.open("/dev/console", os.O_WRONLY)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.execvp(argv[0], argv)
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise StepError(f"{' '.join(argv)} failed "
+                        f"(status {os.waitstatus_to_exitcode(status)})")
+
+
+def read_db(path):
+    try:
+        with open(path) as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def map_user(uid, gid, name, group):
+    """Ensure passwd/group entries for uid/gid; remember what we added so
+    ``apppot-snap changes`` can leave it out."""
+    added = {}
+    groups = read_db("/etc/group")
+    if not any(line.split(":")[2:3] == [str(gid)] for line in groups):
+        taken = {line.split(":")[0] for line in groups}
+        gname = group if group not in taken else f"g{gid}"
+        line = f"{gname}:x:{gid}:"
+        append_line("/etc/group", line)
+        added["/etc/group"] = [line]
+        if os.path.exists("/etc/gshadow"):
+            append_line("/etc/gshadow", f"{gname}:!::")
+            added["/etc/gshadow"] = [f"{gname}:!::"]
+    passwd = read_db("/etc/passwd")
+    entry = next((line.split(":") for line in passwd
+                  if line.split(":")[2:3] == [str(uid)]), None)
+    if entry is None:
+        taken = {line.split(":")[0] for line in passwd}
+        uname = name if name not in taken else f"u{uid}"
+        home = f"/home/{uname}"
+        entry = [uname, "x", str(uid), str(gid), "AppPot job user", home,
+                 "/bin/bash"]
+        append_line("/etc/passwd", ":".join(entry))
+        added["/etc/passwd"] = [":".join(entry)]
+        if os.path.exists("/etc/shadow"):
+            append_line("/etc/shadow", f"{uname}:*:19000:0:99999:7:::")
+            added["/etc/shadow"] = [f"{uname}:*:19000:0:99999:7:::"]
+    uname, home = entry[0], entry[5]
+    if not os.path.isdir(home):
+        os.makedirs(home, mode=0o755)
+        added["created"] = [home]  # not part of the user's changes
+    if uid != 0:
+        os.chown(home, uid, gid)
+    if uid != 0 and os.path.isdir("/etc/sudoers.d"):
+        write_file("/etc/sudoers.d/apppot", f"{uname} ALL=(ALL) NOPASSWD: ALL\n",
+                   0o440)
+    write_file(os.path.join(RUN, "added.json"), json.dumps(added))
+    return {"name": uname, "uid": uid, "gid": gid, "home": home,
+            "shell": entry[6] or "/bin/sh"}
+
+
+def append_line(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def open_raw(path, flags):
+    fd = os.open(path, flags | os.O_NOCTTY)
+    tty.setraw(fd)
+    attrs = termios.tcgetattr(fd)
+    attrs[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    return fd
+
+
+def pump(src, dst, close_dst=True, drain_tty=False):
+    """Copy src to dst until EOF (a thread per stream)."""
+    try:
+        while True:
+            data = os.read(src, 65536)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view):]
+    except OSError:
+        pass
+    finally:
+        if drain_tty:
+            try:
+                termios.tcdrain(dst)
+            except termios.error:
+                pass
+        if close_dst:
+            os.close(dst)
+
+
+def unframe(src, dst):
+    """Host stdin arrives framed so EOF is exact (a UML tty hangup would
+    flush unread input)."""
+    buf = b""
+    try:
+        while True:
+            while len(buf) < FRAME.size:
+                data = os.read(src, 65536)
+                if not data:
+                    return
+                buf += data
+            (size,) = FRAME.unpack_from(buf)
+            if size == 0:
+                return
+            while len(buf) < FRAME.size + size:
+                data = os.read(src, 65536)
+                if not data:
+                    return
+                buf += data
+            payload = memoryview(buf)[FRAME.size:FRAME.size + size]
+            while payload:
+                payload = payload[os.write(dst, payload):]
+            buf = buf[FRAME.size + size:]
+    except OSError:
+        pass  # the program closed its stdin: stop feeding it
+    finally:
+        os.close(dst)
+
+
+def program_env(spec, user):
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        if user["uid"] == 0 else "/usr/local/bin:/usr/bin:/bin",
+        "HOME": user["home"], "USER": user["name"], "LOGNAME": user["name"],
+        "SHELL": user["shell"], "LANG": "C.UTF-8",
+    }
+    if spec.get("jobdir"):
+        env["PWD"] = spec["jobdir"]
+    env.update(spec.get("env_plain", {}))
+    raw = {bytes.fromhex(k): bytes.fromhex(v)
+           for k, v in spec.get("env", {}).items()}
+    out = {k.encode(): v.encode() for k, v in env.items()}
+    out.update(raw)
+    return out
+
+
+def resolve_argv(spec, user):
+    argv = [bytes.fromhex(a) for a in spec.get("argv", [])]
+    if argv:
+        return argv
+    jobdir = spec.get("jobdir")
+    script = os.path.join(jobdir, "apppot-run") if jobdir else None
+    if script and os.access(script, os.X_OK):  # as in 2012: ./apppot-run
+        return [script.encode()]
+    return [user["shell"].encode(), b"-l"] if spec.get(
+        "interactive") else [user["shell"].encode()]
+
+
+def run_program(spec, user):
+    interactive = bool(spec.get("interactive"))
+    argv = resolve_argv(spec, user)
+    env = program_env(spec, user)
+    cwd = spec.get("jobdir") or user["home"]
+
+    if interactive:
+        term = open_tty_cooked("/dev/ttyS0", spec.get("winsize"))
+        child_fds = (term, term, term)
+        threads = []
+    else:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r, in_w = os.pipe()
+        tty_out = open_raw("/dev/ttyS0", os.O_WRONLY)
+        tty_err = open_raw("/dev/ttyS1", os.O_WRONLY)
+        tty_in = open_raw("/dev/ttyS2", os.O_RDONLY)
+        threads = [
+            threading.Thread(target=pump, args=(out_r, tty_out),
+                             kwargs={"drain_tty": True}, daemon=True),
+            threading.Thread(target=pump, args=(err_r, tty_err),
+                             kwargs={"drain_tty": True}, daemon=True),
+            threading.Thread(target=unframe, args=(tty_in, in_w), daemon=True),
+        ]
+        child_fds = (in_r, out_w, err_w)
+
+    notify(f"ready {time.monotonic() - T0:.3f}")
+    pid = os.fork()
+    if pid == 0:  # the program: never returns
+        exec_program(argv, env, cwd, user, child_fds, interactive)
+    for fd in set(child_fds):
+        os.close(fd)
+    for t in threads:
+        t.start()
+    if not interactive:
+        notify("stdin")  # tty open: the host may send stdin now
+
+    status = wait_for(pid)
+    deadline = time.monotonic() + DRAIN_SECONDS
+    for t in threads[:2]:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads[:2]):
+        stop_leftovers()  # a daemon still holds stdout: end it, then drain
+        for t in threads[:2]:
+            t.join(1.0)
+    return status
+
+
+def open_tty_cooked(path, winsize):
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    if winsize:
+        import fcntl  # noqa: PLC0415
+
+        fcntl.ioctl(fd, termios.TIOCSWINSZ,
+                    struct.pack("HHHH", winsize[0], winsize[1], 0, 0))
+    return fd
+
+
+def exec_program(argv, env, cwd, user, fds, interactive):
+    try:
+        os.setsid()
+        if interactive:
+            import fcntl  # noqa: PLC0415
+
+            fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.closerange(3, 65536)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.initgroups(user["name"], user["gid"])
+        os.setgid(user["gid"])
+        os.setuid(user["uid"])
+        os.chdir(cwd)
+        os.execvpe(argv[0], argv, env)
+    except FileNotFoundError:
+        msg, code = "command not found", 127
+    except PermissionError:
+        msg, code = "permission denied", 126
+    except OSError as e:
+        msg, code = e.strerror, 126
+    name = argv[0].decode(errors="replace")
+    os.write(2, f"apppot: cannot run {name!r}: {msg}\n".encode())
+    os._exit(code)
+
+
+def wait_for(pid):
+    """Reap every child (PID 1 adopts orphans) until ``pid`` exits."""
+    while True:
+        try:
+            done, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 1
+        except InterruptedError:
+            continue
+        if done == pid:
+            code = os.waitstatus_to_exitcode(status)
+            return 128 - code if code < 0 else code
+
+
+def stop_leftovers():
+    """SIGTERM then SIGKILL every process the job left (daemons)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(-1, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                    time.sleep(0.05)
+            except ChildProcessError:
+                return
+
+
+def main():
+    ctx = {}
+    steps = STEPS
+    try:
+        step_mount_basics(ctx)
+        step_read_control(ctx)
+        if ctx["spec"].get("action") == "finalize":
+            steps = FINALIZE_STEPS
+        for step in steps[2:]:
+            log(step.__name__)
+            step(ctx)
+        code = ctx.get("status", 1)
+    except Exception as e:  # noqa: BLE001  PID 1 must report, not die
+        log("".join(traceback.format_exception(e)))
+        notify(f"fail {e}")
+        code = EXIT_BOOT
+    else:
+        notify(f"exit {code}")
+    stop_leftovers()
+    log(f"power off, status {code}")
+    power_off(code)
+
+
+if __name__ == "__main__":
+    if os.getpid() != 1:
+        sys.exit("apppot-init: must run as PID 1 inside an appliance")
+    sys.path.insert(0, LIB)
+    main()

@@ -1,0 +1,172 @@
+"""Find the UML kernel, read its build configuration, check features.
+
+Also builds (once, cached) the xstate compatibility shim that Debian 12's
+UML 6.1 needs on hosts with AVX-512/AMX: see ``native/xstate_shim.c``.
+"""
+
+import functools
+import hashlib
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import apppot_home
+from .errors import KernelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KERNELS = ("linux.uml", "/usr/bin/linux.uml")
+SHIM_SOURCE = Path(__file__).with_name("native") / "xstate_shim.c"
+# Features each use needs, with the Kconfig symbol that provides it.
+FEATURES = {
+    "ubd": "CONFIG_BLK_DEV_UBD",
+    "hostfs": "CONFIG_HOSTFS",
+    "ext4": "CONFIG_EXT4_FS",
+    "mconsole": "CONFIG_MCONSOLE",
+    "sysrq": "CONFIG_MAGIC_SYSRQ",
+    "devtmpfs": "CONFIG_DEVTMPFS",
+    "mcast": "CONFIG_UML_NET_MCAST",
+    "slirp": "CONFIG_UML_NET_SLIRP",
+    "vector": "CONFIG_UML_NET_VECTOR",
+}
+BASE_FEATURES = ("ubd", "hostfs", "ext4", "mconsole", "sysrq", "devtmpfs")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A checked UML kernel binary."""
+
+    path: Path
+    version: str
+    config: dict = field(repr=False, compare=False)
+
+    def has(self, feature):
+        return self.config.get(FEATURES[feature]) in ("y", "m")
+
+    def require(self, *features):
+        missing = [f for f in features if not self.has(f)]
+        if missing:
+            names = ", ".join(f"{f} ({FEATURES[f]})" for f in missing)
+            raise KernelError(
+                f"UML kernel {str(self.path)!r} lacks {names}",
+                hint="use a kernel built with these options (--kernel)")
+
+    @property
+    def version_tuple(self):
+        return tuple(int(x) for x in re.findall(r"\d+", self.version)[:3])
+
+
+def find_kernel(path=None):
+    """The kernel to use: ``path``, else the first default that exists."""
+    if path:
+        candidates = [path]
+    else:
+        candidates = [shutil.which(c) or c for c in DEFAULT_KERNELS]
+    for cand in candidates:
+        if cand and os.path.exists(cand):
+            return load_kernel(Path(cand).resolve())
+    if path:
+        raise KernelError(f"UML kernel not found: {path!r}",
+                          hint="give the path of a linux.uml binary (--kernel)")
+    raise KernelError("no UML kernel found (linux.uml)",
+                      hint="install Debian's user-mode-linux package, or pass "
+                      "--kernel PATH")
+
+
+def load_kernel(path):
+    st = _stat(path)
+    return _load_kernel(str(path), st.st_mtime_ns, st.st_size)
+
+
+def _stat(path):
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise KernelError(f"cannot read UML kernel {str(path)!r}",
+                          hint="check the path and its permissions") from e
+    if not os.access(path, os.X_OK):
+        raise KernelError(f"UML kernel {str(path)!r} is not executable",
+                          hint="chmod +x it, or pick another with --kernel")
+    return st
+
+
+@functools.lru_cache(maxsize=8)
+def _load_kernel(path, _mtime, _size):
+    with open(path, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            raise KernelError(f"{path!r} is not a UML kernel (not an ELF binary)",
+                              hint="use linux.uml from user-mode-linux")
+    argv = [path, "--showconfig"]
+    log.debug("executing: %s", shlex.join(argv))
+    try:
+        out = subprocess.run(argv, capture_output=True, timeout=20,
+                             stdin=subprocess.DEVNULL, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise KernelError(f"{path!r} is not a UML kernel",
+                          hint="use linux.uml from user-mode-linux") from e
+    text = out.decode(errors="replace")
+    m = re.search(r"^# Linux/um ([^\s]+) Kernel Configuration", text, re.M)
+    if not m:
+        raise KernelError(f"{path!r} is not a UML kernel "
+                          "(--showconfig gave no Linux/um configuration)",
+                          hint="use linux.uml from user-mode-linux")
+    config = dict(re.findall(r"^(CONFIG_\w+)=(.*)$", text, re.M))
+    kernel = Kernel(Path(path), m.group(1), config)
+    kernel.require(*BASE_FEATURES)
+    return kernel
+
+
+# ------------------------------------------------------------- xstate shim
+def host_needs_xstate_shim(cpuinfo="/proc/cpuinfo"):
+    """True when the host's XSAVE area exceeds the AVX layout (AVX-512/AMX)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512f", "amx_tile"})
+    except OSError:
+        pass
+    return False
+
+
+def xstate_shim(mode=None):
+    """Path of the LD_PRELOAD shim to use, or None (``APPPOT_XSTATE_SHIM``)."""
+    mode = (mode or os.environ.get("APPPOT_XSTATE_SHIM") or "auto").lower()
+    if mode == "off" or (mode == "auto" and not host_needs_xstate_shim()):
+        return None
+    return build_shim()
+
+
+def build_shim(cache=None):
+    source = SHIM_SOURCE.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    cache = Path(cache) if cache else apppot_home() / "native"
+    target = cache / f"xstate_shim-{digest}.so"
+    if target.exists():
+        return target
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if not cc:
+        raise KernelError(
+            "this CPU (AVX-512) needs the xstate shim for UML 6.1, and no C "
+            "compiler was found to build it",
+            hint="install gcc, or set APPPOT_XSTATE_SHIM=off with a newer kernel")
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
+    os.close(fd)
+    argv = [cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SHIM_SOURCE), "-ldl"]
+    log.debug("executing: %s", shlex.join(argv))
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise KernelError("cannot build the UML xstate shim",
+                          hint="check the C compiler", details=proc.stderr)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)  # atomic: concurrent launchers race safely
+    return target

@@ -1,0 +1,311 @@
+"""apppot-start: boot one appliance and run a program in it.
+
+    apppot-start [options] [--] PROG [ARGS...]
+
+The current directory (the job dir) appears in the appliance at the same
+path; PROG runs there as a guest user with your uid/gid, gets exactly ARGS,
+and its exit status becomes apppot-start's.
+"""
+
+import argparse
+import grp
+import logging
+import os
+import pwd
+import select
+import shutil
+import signal
+import sys
+import termios
+import threading
+import time
+import tty
+from pathlib import Path
+
+from . import __version__, kernel, status
+from .appliance import (Appliance, check_max_map_count, check_memdir,
+                        make_rundir, write_control_disk)
+from .config import (APPLIANCE_OPTIONS, START_OPTIONS, add_options, apply_env,
+                     common_cli, parse_seconds, parse_size, setup_logging,
+                     warn_unknown_env)
+from .errors import AppPotError, ConfigError
+from .images import check_cow, check_image, parse_image_arg
+from .spec import ApplianceSpec, GuestSpec, parse_env_args, slirp_net
+from .watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = __doc__.split("\n\n")[0]
+# Job dirs that would hide part of the appliance if mounted over it.
+SYSTEM_DIRS = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc",
+               "/root", "/run", "/sbin", "/sys", "/usr", "/var", "/home",
+               "/usr/lib", "/usr/bin", "/usr/local", "/var/lib"}
+OPTIONS = APPLIANCE_OPTIONS + START_OPTIONS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but errors are AppPotErrors (one line, hint, status 125)."""
+
+    def error(self, message):
+        raise ConfigError(message, hint=f"see {self.prog} --help")
+
+
+def build_parser():
+    parser = ArgumentParser(
+        prog="apppot-start", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Without PROG, ./apppot-run in the job dir is run if it is "
+        "executable, else a shell.\nstdin: a terminal gives an interactive "
+        "session; a pipe or file is the program's stdin.\n\n"
+        + status.help_text())
+    add_options(parser, OPTIONS)
+    parser.add_argument("--env", action="append", metavar="VAR[=VAL]",
+                        help="set VAR in the appliance (repeatable; VAR alone "
+                        "copies it from here)")
+    common_cli(parser)
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__}")
+    parser.add_argument("prog", nargs=argparse.REMAINDER,
+                        help="program and arguments to run in the appliance")
+    return parser
+
+
+def check_jobdir(path):
+    path = Path(path)
+    if str(path) in SYSTEM_DIRS:
+        raise ConfigError(f"job directory {str(path)!r} would hide the "
+                          "appliance's own files", hint="run from a "
+                          "subdirectory, e.g. a directory per job")
+    if "," in str(path):
+        raise ConfigError(f"job directory path contains ',': {str(path)!r}",
+                          hint="UML's hostfs= option splits at commas")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"job directory {str(path)!r} is not writable",
+                          hint="run from a directory you can write to")
+    return path
+
+
+def caller_identity():
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = "apppot"
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = "apppot"
+    return uid, gid, user, group
+
+
+class Interrupts:
+    """Record SIGINT/SIGTERM/SIGHUP; the wait loop tears down and exits."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, _frame):
+        self.signum = self.signum or signum
+
+    def __call__(self):
+        return self.signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def prepare(args, environ):
+    """Validate everything before starting anything; return the plan."""
+    mem = parse_size(args.mem or "256M")
+    timeout = parse_seconds(args.timeout) if args.timeout else None
+    boot_timeout = parse_seconds(args.boot_timeout or 60, "--boot-timeout")
+    kern = kernel.find_kernel(args.kernel)
+    net_args, net_guest = (), []
+    if (args.net or "none") == "slirp":
+        kern.require("slirp")
+        slirp = shutil.which("slirp")
+        if not slirp:
+            raise ConfigError("--net slirp: the slirp program is not installed",
+                              hint="install Debian's slirp package")
+        net_args, net_guest = slirp_net(slirp)
+    choice = parse_image_arg(args.image, args.mpi or "openmpi")
+    image = check_image(choice.base)
+    if choice.cow:
+        check_cow(choice.cow, image)
+    changes = None
+    if args.changes:
+        changes = Path(args.changes).absolute()
+        if not os.access(changes, os.R_OK) or not changes.is_file():
+            raise ConfigError(f"changes archive not readable: {args.changes!r}",
+                              hint="give a file made by apppot-snap changes")
+    jobdir = check_jobdir(Path.cwd())
+    check_memdir(mem, environ)
+    check_max_map_count(mem)
+    env = parse_env_args(args.env, environ)
+    return {"mem": mem, "timeout": timeout, "boot_timeout": boot_timeout,
+            "kernel": kern, "image": image, "cow": choice.cow,
+            "changes": changes, "jobdir": jobdir, "env": env,
+            "net_args": net_args, "net_guest": net_guest}
+
+
+def guest_env(environ, interactive, extra):
+    env = {}
+    if interactive and environ.get("TERM"):
+        env[b"TERM"] = environ["TERM"].encode()
+    env.update(extra)
+    return env
+
+
+def uml_env(environ):
+    """UML's own environment: where guest RAM lives, the xstate shim."""
+    env = dict(environ)
+    shim = kernel.xstate_shim()
+    if shim:
+        env["LD_PRELOAD"] = str(shim)
+    return env
+
+
+def run(args, environ=None):
+    environ = os.environ if environ is None else environ
+    plan = prepare(args, environ)
+    interactive = os.isatty(0) and os.isatty(1)
+    uid, gid, user, group = caller_identity()
+    argv = [os.fsencode(a) for a in args.prog]
+    if argv and argv[0] == b"--":
+        argv = argv[1:]
+    winsize = None
+    if interactive:
+        size = os.get_terminal_size(0)
+        winsize = (size.lines, size.columns)
+    umid = args.id or f"apppot-{os.getpid()}"
+    guest = GuestSpec(uid=uid, gid=gid, user=user, group=group,
+                      jobdir=str(plan["jobdir"]), argv=argv,
+                      env=guest_env(environ, interactive, plan["env"]),
+                      hostname=umid[:63], interactive=interactive,
+                      winsize=winsize, net=plan["net_guest"])
+    rundir = make_rundir()
+    keep = bool(args.keep)
+    with Watchdog() as dog, Appliance(rundir, name=umid, keep=keep,
+                                      verbose=args.verbose >= 2,
+                                      log_path=args.log,
+                                      watchdog=dog) as app, \
+            Interrupts() as interrupted:
+        control = rundir / "control.tar"
+        write_control_disk(control, guest.to_json(), plan["changes"])
+        master = slave = None
+        if interactive:
+            master, slave = os.openpty()
+            tty.setraw(slave)
+        channels = app.make_channels(interactive, slave)
+        notify = rundir / "notify"
+        if len(str(rundir / umid / "mconsole")) > 100:
+            raise ConfigError(f"run directory path too long: {str(rundir)!r}",
+                              hint="set TMPDIR to a shorter path")
+        spec = ApplianceSpec(
+            kernel=plan["kernel"].path, umid=umid, uml_dir=rundir,
+            mem_bytes=plan["mem"], image=plan["image"],
+            cow=plan["cow"] or rundir / "root.cow", control=control,
+            notify=notify, channels=channels, hostfs=plan["jobdir"],
+            net_args=plan["net_args"], quiet=args.verbose < 2)
+        log.info("kernel %s (%s), image %s, mem %d MiB, run dir %s",
+                 spec.kernel, plan["kernel"].version, spec.image,
+                 spec.mem_bytes >> 20, rundir)
+        app.start(spec, uml_env(environ), stdin_fd=0,
+                  interactive=interactive)
+        relay = None
+        if interactive:
+            relay = TerminalRelay(master, app)
+            relay.start()
+        try:
+            code = app.wait(boot_timeout=plan["boot_timeout"],
+                            timeout=plan["timeout"], interrupted=interrupted)
+        finally:
+            if relay:
+                relay.stop()
+        report_timing(app)
+        if keep:
+            log.warning("run directory kept: %s", rundir)
+        return code
+
+
+def report_timing(app):
+    if app.ready_at is None:
+        return
+    kernel_up = (app.booted_at or app.ready_at) - app.started_at
+    log.info("launch to payload %.2f s (kernel up %.2f s)",
+             app.ready_at - app.started_at, kernel_up)
+
+
+class TerminalRelay:
+    """Interactive session: our terminal (raw) <-> the guest's ttyS0."""
+
+    def __init__(self, master, app):
+        self.master = master
+        self.app = app
+        self.stopping = threading.Event()
+        self.saved = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self.saved = termios.tcgetattr(0)
+        tty.setraw(0)
+        self.thread.start()
+
+    def _run(self):
+        fds = [0, self.master]
+        while not self.stopping.is_set():
+            r, _, _ = select.select(fds, [], [], 0.2)
+            for fd in r:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    fds.remove(fd)
+                    continue
+                os.write(self.master if fd == 0 else 1, data)
+            if self.master not in fds:
+                return
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(1.0)
+        if self.saved:
+            termios.tcsetattr(0, termios.TCSADRAIN, self.saved)
+        os.close(self.master)
+
+
+def main(argv=None):
+    parser = build_parser()
+    debug = False
+    try:
+        args = parser.parse_args(argv)
+        debug = args.debug
+        setup_logging(args.verbose, args.debug)
+        warn_unknown_env(OPTIONS)
+        apply_env(args, OPTIONS)
+        return run(args)
+    except AppPotError as e:
+        if debug:
+            raise
+        print(f"apppot-start: error: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        if e.details and logging.getLogger().isEnabledFor(logging.INFO):
+            print(e.details, file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return status.from_signal(signal.SIGINT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
