@@ -148,13 +148,13 @@ def install_guest(root, mpi, wheel_dir):
         site.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheels[0]) as whl:
             whl.extractall(site)
-        libdir = root / "usr/local/lib"
-        link = libdir / "libmpi.so.12"  # the MPICH ABI name the wheel wants
+        # the MPICH ABI name the wheel links against, next to libmpich (a
+        # default search directory, so no ld.so.cache entry is needed)
+        libdir = root / f"usr/lib/{platform.machine()}-linux-gnu"
+        link = libdir / "libmpi.so.12"
         if link.is_symlink() or link.exists():
             link.unlink()
-        link.symlink_to("/usr/lib/x86_64-linux-gnu/libmpich.so.12"
-                        if platform.machine() == "x86_64" else
-                        f"/usr/lib/{platform.machine()}-linux-gnu/libmpich.so.12")
+        link.symlink_to("libmpich.so.12")
         run_cmd(["ldconfig", "-r", root])
     # leave no package caches or machine identity in the image
     for pattern in ("var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",

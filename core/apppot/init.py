@@ -282,8 +282,12 @@ def map_user(uid, gid, name, group):
         write_file("/etc/sudoers.d/apppot", f"{uname} ALL=(ALL) NOPASSWD: ALL\n",
                    0o440)
     write_file(os.path.join(RUN, "added.json"), json.dumps(added))
+    shell = entry[6]
+    if not shell or shell.endswith(("nologin", "false")) or not os.path.exists(
+            shell):  # system accounts (nobody) still get a working shell
+        shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
     return {"name": uname, "uid": uid, "gid": gid, "home": home,
-            "shell": entry[6] or "/bin/sh"}
+            "shell": shell}
 
 
 def append_line(path, line):

@@ -1,0 +1,135 @@
+"""Shared fixtures: the real kernel and images, job dirs, and a leftover check.
+
+Real-appliance tests never skip: a missing kernel or image is a failure
+(CI must notice).  Images come from $APPPOT_HOME (CI: /var/cache/apppot),
+built beforehand by ``apppot-image build``.
+"""
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from apppot.config import apppot_home
+from apppot.images import default_image
+
+VENV_BIN = Path(sys.executable).parent
+NOBODY = pwd.getpwnam("nobody")
+
+
+def tool(name):
+    path = VENV_BIN / name
+    assert path.exists(), f"{name} not installed next to {sys.executable}"
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def image():
+    path = default_image("openmpi", apppot_home())
+    assert path.exists(), (f"Open MPI image missing: {path} "
+                           "(build it: apppot-image build)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mpich_image():
+    path = default_image("mpich", apppot_home())
+    assert path.exists(), (f"MPICH image missing: {path} "
+                           "(build it: apppot-image build --mpi mpich)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def uml_kernel():
+    path = shutil.which("linux.uml") or "/usr/bin/linux.uml"
+    assert os.path.exists(path), "UML kernel missing (apt-get install " \
+        "user-mode-linux)"
+    return path
+
+
+@pytest.fixture
+def jobdir():
+    """A job dir any test user can write (pytest's tmp_path is 0700 root)."""
+    d = Path(tempfile.mkdtemp(prefix="apppot-test-job-", dir="/var/tmp"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def as_user(user):
+    """argv prefix that runs a command as ``user`` (a pwd entry) or as us."""
+    if user is None or os.getuid() == user.pw_uid:
+        return []
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+            "--clear-groups", "--"]
+
+
+def start(args, *, cwd, user=None, input=None, stdin=None, timeout=120,
+          env=None):
+    """Run apppot-start; returns CompletedProcess with bytes output."""
+    full_env = dict(os.environ)
+    full_env.setdefault("APPPOT_HOME", str(apppot_home()))
+    if user is not None:
+        full_env["HOME"] = str(cwd)
+    full_env.update(env or {})
+    argv = as_user(user) + [tool("apppot-start"), *args]
+    if input is None and stdin is None:
+        stdin = subprocess.DEVNULL
+    return subprocess.run(argv, cwd=cwd, input=input, stdin=stdin,
+                          capture_output=True, timeout=timeout, env=full_env,
+                          check=False)
+
+
+@pytest.fixture
+def nobody():
+    return NOBODY
+
+
+def _ours():
+    """UML kernels and watchdogs now running."""
+    found = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "create_time"]):
+        cmd = p.info["cmdline"] or []
+        if p.info["name"] == "linux.uml" or (
+                cmd[:1] and "linux.uml" in cmd[0]) or "apppot.watchdog" in cmd:
+            found[p.info["pid"]] = (p.info["create_time"], " ".join(cmd)[:120])
+    return found
+
+
+def _rundirs():
+    tmp = Path(tempfile.gettempdir())
+    return {p for p in tmp.glob("apppot-*") if not p.name.startswith(
+        "apppot-test-")}
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    """Fail a test that leaves a UML process, watchdog or run dir behind."""
+    before, dirs_before = _ours(), _rundirs()
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        left = {pid: v for pid, v in _ours().items() if pid not in before}
+        left = {pid: v for pid, v in left.items()
+                if psutil.pid_exists(pid) and psutil.Process(pid).status()
+                != psutil.STATUS_ZOMBIE}
+        dirs = _rundirs() - dirs_before
+        if (not left and not dirs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for pid in left:  # clean up so one failure does not cascade
+        try:
+            os.killpg(os.getpgid(pid), 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    assert not left, f"processes left behind: {left}"
+    assert not dirs, f"run directories left behind: {dirs}"
