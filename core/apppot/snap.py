@@ -194,7 +194,8 @@ def pack(out, base_path=BASE, dry_run=False):
             print(f"deleted {p}")
         return summary
     meta = json.dumps({"format": FORMAT, "base": base["id"],
-                       "deleted": deleted, "created": time.time()}).encode()
+                       "deleted": [p.lstrip("/") for p in deleted],
+                       "created": time.time()}).encode()
     tmp = out_abs + ".tmp"
     try:
         with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
