@@ -6,10 +6,15 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from apppot import snap, status
-from apppot.appliance import (MCONSOLE_MAGIC, NOTIFY, check_max_map_count,
-                              choose_memdir, parse_notice, write_control_disk)
+from apppot.appliance import (
+    MCONSOLE_MAGIC,
+    NOTIFY,
+    check_max_map_count,
+    choose_memdir,
+    parse_notice,
+    write_control_disk,
+)
 from apppot.config import parse_seconds, parse_size
 from apppot.errors import ConfigError, ImageError
 from apppot.images import COW_MAGIC, check_cow, check_image, parse_image_arg
@@ -35,8 +40,8 @@ def test_argv_is_data_and_keeps_secrets_off_the_command_line():
     assert "hostfs=/home/u/job" in argv
     assert "mem=256M" in argv
     assert "mconsole=notify:/tmp/r/notify" in argv
-    assert ["ssl0=null,fd:5", "ssl1=null,fd:6", "ssl2=fd:7,null"] == [
-        a for a in argv if a.startswith("ssl") and a != "ssl=null"]
+    serial = [a for a in argv if a.startswith("ssl") and a != "ssl=null"]
+    assert serial == ["ssl0=null,fd:5", "ssl1=null,fd:6", "ssl2=fd:7,null"]
     assert "noreboot" in argv and "con0=null,fd:4" in argv
     # nothing guest-specific (argv, env, uid) rides on the command line
     assert not any(a.startswith(("APPPOT", "apppot.")) for a in argv)

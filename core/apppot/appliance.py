@@ -192,7 +192,7 @@ class Appliance:
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=self._console_w,
             stderr=self._console_w, pass_fds=spec.channels.fds(), env=env,
-            preexec_fn=_pdeathsig, cwd=self.rundir)
+            preexec_fn=_pdeathsig, cwd=self.rundir)  # noqa: PLW1509 (prctl)
         if self.watchdog:
             self.watchdog.track(self.proc.pid, self.rundir, keep=self.keep)
         for fd in self._child_ends:

@@ -18,12 +18,26 @@ COW_V3 = struct.Struct(">IIIQIII")  # magic, version, mtime, size, ...
 MPI_FLAVOURS = ("openmpi", "mpich", "none")
 
 
-def default_image(mpi="openmpi", home=None):
-    """Where ``apppot-image build --mpi MPI`` puts its image."""
+SYSTEM_HOME = Path("/var/cache/apppot")  # where scripts/setup.sh builds
+
+
+def default_image(mpi="openmpi", home=None, environ=None):
+    """Where ``apppot-image build --mpi MPI`` puts its image.
+
+    Without $APPPOT_HOME, a user who has not built their own image gets the
+    machine-wide one that scripts/setup.sh builds.
+    """
     if mpi not in MPI_FLAVOURS:
         raise ImageError(f"unknown MPI flavour {mpi!r}",
                          hint=f"use one of {', '.join(MPI_FLAVOURS)}")
-    return Path(home or apppot_home()) / "images" / f"apppot-{mpi}.img"
+    name = Path("images") / f"apppot-{mpi}.img"
+    if home is not None:
+        return Path(home) / name
+    environ = os.environ if environ is None else environ
+    own = apppot_home(environ) / name
+    if environ.get("APPPOT_HOME") or own.exists():
+        return own
+    return SYSTEM_HOME / name if (SYSTEM_HOME / name).exists() else own
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ T0 = time.monotonic()
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 
 
 class StepError(Exception):
@@ -84,6 +84,9 @@ def power_off(code):
         pass
     if not os.path.exists("/proc/exitcode"):  # failed before /proc was up
         libc.mount(b"proc", b"/proc", b"proc", 0, None)
+    # a clean root: no journal replay at the next boot of this image or COW
+    if libc.mount(None, b"/", None, MS_REMOUNT | MS_RDONLY, None) != 0:
+        log(f"remount / read-only: {os.strerror(ctypes.get_errno())}")
     for path, value in (("/proc/exitcode", f"{code}\n"),
                         ("/proc/sysrq-trigger", "o")):
         try:
@@ -141,7 +144,7 @@ def step_hostname(ctx):
     hosts += [f"{ip}\t{host}" for ip, host in spec.get("hosts", [])]
     write_file("/etc/hosts", "\n".join(hosts) + "\n")
     write_file("/etc/hostname", name + "\n")
-    run_quiet(["ip", "link", "set", "lo", "up"])
+    link_up("lo")
 
 
 def step_merge_changes(ctx):
@@ -234,6 +237,19 @@ def run_quiet(argv):
     if os.waitstatus_to_exitcode(status) != 0:
         raise StepError(f"{' '.join(argv)} failed "
                         f"(status {os.waitstatus_to_exitcode(status)})")
+
+
+def link_up(ifname):
+    """``ip link set IF up`` without a fork+exec (costly under UML)."""
+    import fcntl  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", ifname.encode(), 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s, siocgifflags, req))[1]
+        fcntl.ioctl(s, siocsifflags,
+                    struct.pack("16sH14x", ifname.encode(), flags | iff_up))
 
 
 def read_db(path):

@@ -64,10 +64,7 @@ class Kernel:
 
 def find_kernel(path=None):
     """The kernel to use: ``path``, else the first default that exists."""
-    if path:
-        candidates = [path]
-    else:
-        candidates = [shutil.which(c) or c for c in DEFAULT_KERNELS]
+    candidates = [path] if path else [shutil.which(c) or c for c in DEFAULT_KERNELS]
     for cand in candidates:
         if cand and os.path.exists(cand):
             return load_kernel(Path(cand).resolve())

@@ -179,10 +179,11 @@ def pack(out, base_path=BASE, dry_run=False):
     added = load_added()
     skip = set(added.get("created", []))
     now = {p: e for p, e in scan().items() if p not in skip}
+    digests = account_digests(added)
     for path in ACCOUNT_FILES:  # init's own lines do not count as a change
-        if path in now and path in base["manifest"]:
-            if account_digests(added).get(path) == base["accounts"].get(path):
-                now[path] = base["manifest"][path]
+        if (path in now and path in base["manifest"]
+                and digests.get(path) == base["accounts"].get(path)):
+            now[path] = base["manifest"][path]
     out_abs = os.path.abspath(out)
     changed, deleted = diff(base["manifest"], now)
     changed = [p for p in changed if p not in (out_abs, out_abs + ".tmp")]

@@ -55,7 +55,7 @@ class ApplianceSpec:
     extra_args: tuple = ()
 
     def argv(self):
-        argv = [
+        return [
             str(self.kernel),
             f"umid={self.umid}",
             f"uml_dir={self.uml_dir}/",
@@ -76,7 +76,6 @@ class ApplianceSpec:
             *(["quiet"] if self.quiet else []),
             *self.extra_args,
         ]
-        return argv
 
 
 @dataclass

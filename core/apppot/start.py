@@ -18,16 +18,28 @@ import signal
 import sys
 import termios
 import threading
-import time
 import tty
 from pathlib import Path
 
 from . import __version__, kernel, status
-from .appliance import (Appliance, check_max_map_count, check_memdir,
-                        make_rundir, write_control_disk)
-from .config import (APPLIANCE_OPTIONS, START_OPTIONS, add_options, apply_env,
-                     common_cli, parse_seconds, parse_size, setup_logging,
-                     warn_unknown_env)
+from .appliance import (
+    Appliance,
+    check_max_map_count,
+    check_memdir,
+    make_rundir,
+    write_control_disk,
+)
+from .config import (
+    APPLIANCE_OPTIONS,
+    START_OPTIONS,
+    add_options,
+    apply_env,
+    common_cli,
+    parse_seconds,
+    parse_size,
+    setup_logging,
+    warn_unknown_env,
+)
 from .errors import AppPotError, ConfigError
 from .images import check_cow, check_image, parse_image_arg
 from .spec import ApplianceSpec, GuestSpec, parse_env_args, slirp_net

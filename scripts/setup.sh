@@ -1,0 +1,49 @@
+#!/bin/sh
+# Install AppPot-MPI on a fresh Debian 12 machine, build the appliance images
+# and run a job in an appliance.  Run as root (or with sudo).  Idempotent: a
+# second run reuses the packages, the venv and the cached images.
+#
+#   scripts/setup.sh            install, build, run the demo job
+#   scripts/setup.sh --no-demo  install and build only (used by scripts/test.sh)
+set -eu
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+APT_PACKAGES="user-mode-linux mmdebstrap e2fsprogs slirp gcc libc6-dev
+  python3 python3-venv python3-dev openmpi-bin libopenmpi-dev mpich
+  libmpich-dev iproute2 util-linux procps tar gzip"
+export APPPOT_HOME="${APPPOT_HOME:-/var/cache/apppot}"  # machine-wide images
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root or with sudo (it installs Debian packages)" >&2
+    exit 1
+fi
+
+echo "== installing Debian packages" >&2
+wanted=$(echo $APT_PACKAGES | wc -w)
+have=$(dpkg-query -W -f='${Status}\n' $APT_PACKAGES 2>/dev/null \
+       | grep -c 'install ok installed' || true)
+if [ "$have" != "$wanted" ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends $APT_PACKAGES >/dev/null
+fi
+
+echo "== installing the project into .venv" >&2
+[ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+
+echo "== building the appliance images (cached in $APPPOT_HOME)" >&2
+mkdir -p "$APPPOT_HOME" && chmod 755 "$APPPOT_HOME"
+.venv/bin/apppot-image build --mpi openmpi
+.venv/bin/apppot-image build --mpi mpich
+
+if [ "${1:-}" != "--no-demo" ]; then
+    echo "== running a job in an appliance" >&2
+    demo=$(mktemp -d /var/tmp/apppot-demo-XXXXXX)
+    cd "$demo"
+    "$REPO/.venv/bin/apppot-start" -v -- python3 -c \
+        'import platform, mpi4py; print("hello from", platform.node(), "kernel", platform.release(), "mpi4py", mpi4py.__version__)' \
+        2>&1 </dev/null || { echo "setup.sh: the demo job failed" >&2; exit 1; }
+    cd "$REPO" && rm -rf "$demo"
+fi
