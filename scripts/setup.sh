@@ -9,7 +9,7 @@ set -eu
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
-APT_PACKAGES="user-mode-linux mmdebstrap e2fsprogs slirp gcc libc6-dev
+APT_PACKAGES="user-mode-linux mmdebstrap e2fsprogs libslirp-helper gcc libc6-dev
   python3 python3-venv python3-dev openmpi-bin libopenmpi-dev mpich
   libmpich-dev iproute2 util-linux procps tar gzip"
 export APPPOT_HOME="${APPPOT_HOME:-/var/cache/apppot}"  # machine-wide images

@@ -209,3 +209,22 @@ def test_snap_scan_sees_modes_owners_links(tmp_path):
     assert changed == [str(tmp_path / "f"), str(tmp_path / "l")]
     assert deleted == []
     assert snap.excluded("/proc/1") and not snap.excluded("/procx")
+
+
+def test_kernel_feature_check_names_the_option():
+    from apppot.errors import KernelError
+    from apppot.kernel import Kernel
+
+    k = Kernel(Path("/k"), "6.1.0", {"CONFIG_HOSTFS": "y"})
+    k.require("hostfs")
+    with pytest.raises(KernelError, match="CONFIG_UML_NET_MCAST"):
+        k.require("mcast")
+    assert k.version_tuple == (6, 1, 0)
+
+
+def test_real_kernel_config_is_read(uml_kernel):
+    from apppot.kernel import find_kernel
+
+    k = find_kernel(uml_kernel)
+    assert k.has("hostfs") and k.has("mconsole") and k.has("mcast")
+    assert k.version_tuple >= (6, 1)

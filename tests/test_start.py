@@ -256,3 +256,49 @@ def test_shared_base_never_written(jobdir, nobody, image):
     assert (image.stat().st_mtime_ns, image.stat().st_size) == before
     assert not os.access(image, os.W_OK) or os.getuid() == 0
     assert oct(image.stat().st_mode & 0o777) == "0o444"
+
+
+def test_slirp_reaches_host_loopback_only_server(jobdir, nobody, image):
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(60)
+    port = srv.getsockname()[1]
+
+    def serve():
+        conn, _ = srv.accept()
+        conn.sendall(b"hello-loopback\n")
+        conn.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        r = start(["--net", "slirp", "python3", "-c",
+                   "import socket; s = socket.create_connection(('10.0.2.2', "
+                   f"{port}), timeout=20); print(s.recv(64).decode().strip())"],
+                  cwd=jobdir, user=nobody)
+    finally:
+        srv.close()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello-loopback\n"
+
+
+def test_net_none_has_only_loopback(jobdir, nobody, image):
+    r = start(["sh", "-c", "ls /sys/class/net"], cwd=jobdir, user=nobody)
+    assert r.stdout.split() == [b"lo"]
+
+
+def test_defaults_from_environment_and_id(jobdir, nobody, image):
+    r = start(["sh", "-c", "hostname; grep MemTotal /proc/meminfo"], cwd=jobdir,
+              user=nobody, env={"APPPOT_MEM": "160M", "APPPOT_ID": "myjob-7"})
+    assert r.returncode == 0, r.stderr
+    host, mem = r.stdout.decode().splitlines()
+    assert host == "myjob-7"
+    assert 120_000 < int(mem.split()[1]) <= 160 * 1024
+    r = start(["--mem", "200M", "true"], cwd=jobdir, user=nobody,
+              env={"APPPOT_MEM": "junk"})
+    assert r.returncode == 0  # the command line beats the environment
+    r = start(["true"], cwd=jobdir, user=nobody, env={"APPPOT_MEM": "junk"})
+    assert r.returncode == 125 and b"'junk'" in r.stderr

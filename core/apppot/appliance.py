@@ -161,6 +161,7 @@ class Appliance:
         self.log_path = log_path
         self.watchdog = watchdog
         self.proc = None
+        self.helper = None
         self.notices = []
         self.started_at = None
         self.ready_at = None
@@ -191,7 +192,7 @@ class Appliance:
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=self._console_w,
-            stderr=self._console_w, pass_fds=spec.channels.fds(), env=env,
+            stderr=self._console_w, pass_fds=spec.fds(), env=env,
             preexec_fn=_pdeathsig, cwd=self.rundir)  # noqa: PLW1509 (prctl)
         if self.watchdog:
             self.watchdog.track(self.proc.pid, self.rundir, keep=self.keep)
@@ -218,6 +219,24 @@ class Appliance:
         self._child_ends += [out_w, err_w, in_r]
         return Channels(console=self._console_w, stdout=out_w, stderr=err_w,
                         stdin=in_r)
+
+    def start_slirp(self, helper):
+        """User-mode NAT: libslirp-helper on one end of a datagram socket
+        pair, the other end (returned) for UML's vector ``fd`` transport."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        argv = [helper, "--fd", str(ours.fileno()), "--exit-with-parent",
+                "--disable-ipv6"]
+        log.debug("executing: %s", shlex.join(argv))
+        self.helper = subprocess.Popen(
+            argv, pass_fds=(ours.fileno(),), stdin=subprocess.DEVNULL,
+            stdout=self._console_w, stderr=self._console_w,
+            start_new_session=True)
+        if self.watchdog:
+            self.watchdog.track(self.helper.pid, self.rundir, keep=True)
+        ours.close()
+        fd = theirs.detach()
+        self._child_ends.append(fd)
+        return fd
 
     def _relay(self, src, sink, name):
         def run():
@@ -390,6 +409,11 @@ class Appliance:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        if self.helper is not None:
+            _kill_group(self.helper.pid)
+            self.helper.wait()
+            if self.watchdog:
+                self.watchdog.untrack(self.helper.pid)
         self._stdin_go.set()
         for t in self._threads:
             t.join(2.0)
@@ -412,6 +436,13 @@ class Appliance:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _kill_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _group_alive(pgid):

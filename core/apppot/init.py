@@ -184,6 +184,8 @@ def step_network(ctx):
     for dev in ctx["spec"].get("net", []):
         for cmd in dev.get("commands", []):
             run_quiet(cmd)
+        if dev.get("resolv"):
+            write_file("/etc/resolv.conf", dev["resolv"])
 
 
 def step_hooks(ctx):

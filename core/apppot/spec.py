@@ -51,8 +51,12 @@ class ApplianceSpec:
     channels: Channels
     hostfs: Path | None = None
     net_args: tuple = ()
+    net_fds: tuple = ()  # host fds the network transport needs inherited
     quiet: bool = True
     extra_args: tuple = ()
+
+    def fds(self):
+        return self.channels.fds() + tuple(self.net_fds)
 
     def argv(self):
         return [
@@ -123,15 +127,21 @@ class GuestSpec:
 
 
 SLIRP_GUEST = [
-    ["ip", "link", "set", "eth0", "up"],
-    ["ip", "addr", "add", "10.0.2.15/24", "dev", "eth0"],
+    ["ip", "link", "set", "vec0", "up"],
+    ["ip", "addr", "add", "10.0.2.15/24", "dev", "vec0"],
     ["ip", "route", "add", "default", "via", "10.0.2.2"],
 ]
 
 
-def slirp_net(slirp_path):
-    """UML args and guest commands for user-mode NAT (host = 10.0.2.2)."""
-    return ((f"eth0=slirp,,{slirp_path}",), [{"commands": SLIRP_GUEST}])
+def slirp_net(fd):
+    """UML args and guest commands for user-mode NAT through libslirp.
+
+    The guest's ``vec0`` talks raw Ethernet over an inherited datagram
+    socket (fd) to ``libslirp-helper``; the host's loopback is 10.0.2.2.
+    """
+    return ((f"vec0:transport=fd,fd={fd},vec=0",),
+            [{"commands": SLIRP_GUEST,
+              "resolv": "nameserver 10.0.2.3\n"}])
 
 
 def parse_env_args(items, environ):

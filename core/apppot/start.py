@@ -141,14 +141,13 @@ def prepare(args, environ):
     timeout = parse_seconds(args.timeout) if args.timeout else None
     boot_timeout = parse_seconds(args.boot_timeout or 60, "--boot-timeout")
     kern = kernel.find_kernel(args.kernel)
-    net_args, net_guest = (), []
+    slirp = None
     if (args.net or "none") == "slirp":
-        kern.require("slirp")
-        slirp = shutil.which("slirp")
+        kern.require("vector")
+        slirp = shutil.which("libslirp-helper")
         if not slirp:
-            raise ConfigError("--net slirp: the slirp program is not installed",
-                              hint="install Debian's slirp package")
-        net_args, net_guest = slirp_net(slirp)
+            raise ConfigError("--net slirp: libslirp-helper is not installed",
+                              hint="install Debian's libslirp-helper package")
     choice = parse_image_arg(args.image, args.mpi or "openmpi")
     image = check_image(choice.base)
     if choice.cow:
@@ -166,7 +165,7 @@ def prepare(args, environ):
     return {"mem": mem, "timeout": timeout, "boot_timeout": boot_timeout,
             "kernel": kern, "image": image, "cow": choice.cow,
             "changes": changes, "jobdir": jobdir, "env": env,
-            "net_args": net_args, "net_guest": net_guest}
+            "slirp": slirp}
 
 
 def guest_env(environ, interactive, extra):
@@ -203,7 +202,7 @@ def run(args, environ=None):
                       jobdir=str(plan["jobdir"]), argv=argv,
                       env=guest_env(environ, interactive, plan["env"]),
                       hostname=umid[:63], interactive=interactive,
-                      winsize=winsize, net=plan["net_guest"])
+                      winsize=winsize)
     rundir = make_rundir()
     keep = bool(args.keep)
     with Watchdog() as dog, Appliance(rundir, name=umid, keep=keep,
@@ -212,12 +211,17 @@ def run(args, environ=None):
                                       watchdog=dog) as app, \
             Interrupts() as interrupted:
         control = rundir / "control.tar"
-        write_control_disk(control, guest.to_json(), plan["changes"])
         master = slave = None
         if interactive:
             master, slave = os.openpty()
             tty.setraw(slave)
         channels = app.make_channels(interactive, slave)
+        net_args, net_fds = (), ()
+        if plan["slirp"]:
+            fd = app.start_slirp(plan["slirp"])
+            net_fds = (fd,)
+            net_args, guest.net = slirp_net(fd)
+        write_control_disk(control, guest.to_json(), plan["changes"])
         notify = rundir / "notify"
         if len(str(rundir / umid / "mconsole")) > 100:
             raise ConfigError(f"run directory path too long: {str(rundir)!r}",
@@ -227,7 +231,7 @@ def run(args, environ=None):
             mem_bytes=plan["mem"], image=plan["image"],
             cow=plan["cow"] or rundir / "root.cow", control=control,
             notify=notify, channels=channels, hostfs=plan["jobdir"],
-            net_args=plan["net_args"], quiet=args.verbose < 2)
+            net_args=net_args, net_fds=net_fds, quiet=args.verbose < 2)
         log.info("kernel %s (%s), image %s, mem %d MiB, run dir %s",
                  spec.kernel, plan["kernel"].version, spec.image,
                  spec.mem_bytes >> 20, rundir)
