@@ -349,9 +349,9 @@ class Appliance:
                 raise ApplianceError(f"{self.name}: timeout after {timeout:g} s",
                                      status=st.TIMEOUT)
         self.poll_notices(0.0)
-        return self._result()
+        return self.result()
 
-    def _result(self):
+    def result(self):
         rc = self.proc.returncode
         if self.failure is not None:
             raise ApplianceError(f"{self.name}: guest init failed: "
@@ -376,6 +376,15 @@ class Appliance:
             return "\n".join(self._log_tail[-lines:])
 
     # ------------------------------------------------------------- teardown
+    def stop_async(self):
+        """Start stopping (SIGTERM to the group) without waiting: many
+        appliances then shut down in parallel; ``close()`` finishes."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     def stop(self):
         """SIGTERM the UML process group, SIGKILL after a grace period."""
         if self.proc is None:

@@ -12,6 +12,7 @@ The finished image is made read-only: COW files record its mtime.
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -79,10 +80,20 @@ def rootfs_inputs(mpi, packages):
     }
 
 
+def extra_guest_files():
+    """Guest-side files of add-ons (apppot_mpi's hook and agent)."""
+    spec = importlib.util.find_spec("apppot_mpi.guest")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    where = Path(next(iter(spec.submodule_search_locations)))
+    return sorted(p for p in where.glob("*.py") if p.name != "__init__.py")
+
+
 def image_inputs(rootfs_key, mpi):
     guest = hashlib.sha256()
-    for name in GUEST_FILES + ("imagebuild.py",):
-        guest.update((HERE / name).read_bytes())
+    for path in [HERE / n for n in GUEST_FILES + ("imagebuild.py",)] + \
+            extra_guest_files():
+        guest.update(path.read_bytes())
     return {"rootfs": rootfs_key, "mpi": mpi, "guest": guest.hexdigest(),
             "apppot": __version__}
 
@@ -135,6 +146,13 @@ def install_guest(root, mpi, wheel_dir):
     for name in GUEST_FILES:
         shutil.copy2(HERE / name, lib / name)
         os.chmod(lib / name, 0o755)
+    for path in extra_guest_files():
+        shutil.copy2(path, lib / path.name)
+        os.chmod(lib / path.name, 0o755)
+    rsh = lib / "apppot-rsh"  # the MPI launchers' remote start (agent.py)
+    rsh.write_text("#!/bin/sh\nexec /usr/bin/python3 -IB "
+                   "/usr/lib/apppot/agent.py rsh \"$@\"\n")
+    rsh.chmod(0o755)
     snap = root / "usr/local/bin/apppot-snap"
     snap.write_text("#!/bin/sh\nexec /usr/bin/python3 -IB "
                     "/usr/lib/apppot/snap.py \"$@\"\n")

@@ -1,0 +1,180 @@
+#!/usr/bin/python3 -IB
+"""In-guest remote start for MPI launchers: an authenticated rsh.
+
+Standard library only; installed in images as /usr/lib/apppot/agent.py.
+
+``agent.py serve`` (started by the MPI hook in every appliance) listens on
+the job LAN.  ``apppot-rsh HOST CMD...`` (Open MPI's ``plm_rsh_agent``,
+Hydra's ``-launcher-exec``) asks HOST's agent to run CMD with ``/bin/sh -c``
+as the job user, relays its stdout/stderr and returns its status, like ssh.
+
+Authentication: the agent sends a fresh 32-byte nonce; the client answers
+HMAC-SHA256(job secret, nonce + request).  The secret reaches the guests on
+their private control disks, never on a command line; a frame injected into
+the job's multicast group cannot produce a valid answer, so nothing runs.
+If the client goes away, the agent kills the command's process group.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+PORT = 7711
+SECRET = "/run/apppot/mpi/secret"
+CONFIG = "/run/apppot/mpi/agent.json"
+NONCE = 32
+MAX_REQUEST = 1 << 20
+HEAD = struct.Struct("!cI")  # frame: kind (o, e, x), length
+
+
+def recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return buf
+
+
+def sign(secret, nonce, payload):
+    return hmac.new(secret, nonce + payload, hashlib.sha256).digest()
+
+
+# ------------------------------------------------------------------ server
+def serve(config):
+    secret = bytes.fromhex(config["secret"])
+    srv = socket.create_server((config["ip"], PORT), backlog=64)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=handle, args=(conn, secret, config),
+                         daemon=True).start()
+
+
+def handle(conn, secret, config):
+    with conn:
+        try:
+            nonce = os.urandom(NONCE)
+            conn.sendall(nonce)
+            mac = recv_exact(conn, 32)
+            (size,) = struct.unpack("!I", recv_exact(conn, 4))
+            if size > MAX_REQUEST:
+                return
+            payload = recv_exact(conn, size)
+        except (OSError, ConnectionError):
+            return
+        if not hmac.compare_digest(mac, sign(secret, nonce, payload)):
+            log(f"rejected unauthenticated request from {conn.getpeername()}")
+            return
+        request = json.loads(payload)
+        run_request(conn, request["cmd"], config)
+
+
+def run_request(conn, cmd, config):
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": config["home"],
+           "USER": config["user"], "LOGNAME": config["user"],
+           "LANG": "C.UTF-8", **config.get("env", {})}
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", cmd], stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        cwd=config["cwd"], user=config["uid"], group=config["gid"],
+        extra_groups=[], start_new_session=True)
+    lock = threading.Lock()
+
+    def send(kind, data):
+        with lock:
+            conn.sendall(HEAD.pack(kind, len(data)) + data)
+
+    def pump(stream, kind):
+        try:
+            while data := stream.read1(65536):
+                send(kind, data)
+        except OSError:
+            pass
+
+    def watch_client():  # the client hung up: end the command
+        try:
+            conn.recv(1)
+        except OSError:
+            pass
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    pumps = [threading.Thread(target=pump, args=(proc.stdout, b"o")),
+             threading.Thread(target=pump, args=(proc.stderr, b"e"))]
+    for t in pumps:
+        t.start()
+    threading.Thread(target=watch_client, daemon=True).start()
+    status = proc.wait()
+    for t in pumps:
+        t.join()
+    code = 128 - status if status < 0 else status
+    try:
+        send(b"x", str(code).encode())
+    except OSError:
+        pass
+
+
+def log(msg):
+    try:
+        with open("/dev/console", "w") as con:
+            con.write(f"apppot-agent: {msg}\n")
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------ client
+def rsh(argv):
+    """``apppot-rsh [ssh-style options] HOST CMD...`` → CMD's status."""
+    args = list(argv)
+    while args and args[0].startswith("-"):  # ignore ssh flags (-x, -q...)
+        args.pop(0)
+    if len(args) < 2:
+        print("usage: apppot-rsh HOST COMMAND...", file=sys.stderr)
+        return 255
+    host, cmd = args[0], " ".join(args[1:])
+    with open(SECRET, "rb") as f:
+        secret = bytes.fromhex(f.read().decode().strip())
+    payload = json.dumps({"cmd": cmd}).encode()
+    try:
+        sock = socket.create_connection((host, PORT), timeout=30)
+        sock.settimeout(None)
+        nonce = recv_exact(sock, NONCE)
+        sock.sendall(sign(secret, nonce, payload)
+                     + struct.pack("!I", len(payload)) + payload)
+        while True:
+            kind, size = HEAD.unpack(recv_exact(sock, HEAD.size))
+            data = recv_exact(sock, size)
+            if kind == b"x":
+                return int(data)
+            out = sys.stdout if kind == b"o" else sys.stderr
+            out.buffer.write(data)
+            out.flush()
+    except (OSError, ConnectionError) as e:
+        print(f"apppot-rsh: {host}: {e}", file=sys.stderr)
+        return 255
+
+
+def main(argv):
+    if argv[:1] == ["serve"]:
+        with open(CONFIG) as f:
+            serve(json.load(f))
+        return 0
+    if argv[:1] == ["rsh"]:
+        return rsh(argv[1:])
+    print("usage: agent.py serve | agent.py rsh HOST CMD...", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,199 @@
+"""The per-job virtual LAN: UML's ``mcast`` transport on a private group.
+
+Planning is pure: ``plan_lan`` turns a job key and rank count into the
+multicast group, port and TTL, a locally administered MAC and an IP per rank,
+the UML argument and guest commands, and the MPI host file.  Side effects are
+confined to three functions at the bottom: the multicast route check, the
+interface lookup (netifaces, else psutil) and ``enter_private_netns``, which
+puts the launcher in its own network namespace with multicast routed to lo.
+"""
+
+import ctypes
+import errno
+import hashlib
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import struct
+from dataclasses import dataclass
+
+from apppot.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SUBNET = "10.253.0.0/16"
+GROUP_NET = ipaddress.ip_network("239.192.0.0/14")  # organisation-local scope
+PORT_BASE, PORT_SPAN = 20000, 40000
+MCAST_ROUTE = "224.0.0.0/4"
+
+
+@dataclass(frozen=True)
+class RankNet:
+    rank: int
+    mac: str
+    ip: str
+    hostname: str
+
+
+@dataclass(frozen=True)
+class LanPlan:
+    """Everything about one job's LAN (pure data)."""
+
+    group: str
+    port: int
+    ttl: int
+    prefix: int
+    ranks: tuple  # RankNet per appliance
+
+    def uml_args(self, index):
+        r = self.ranks[index]
+        return (f"eth0=mcast,{r.mac},{self.group},{self.port},{self.ttl}",)
+
+    def guest_commands(self, index):
+        r = self.ranks[index]
+        return [["ip", "addr", "add", f"{r.ip}/{self.prefix}", "dev", "eth0"],
+                ["ip", "link", "set", "eth0", "up"]]
+
+    def hosts(self):
+        return [[r.ip, r.hostname] for r in self.ranks]
+
+    def hostfile(self, flavour, slots=1):
+        if flavour == "mpich":
+            return "".join(f"{r.ip}:{slots}\n" for r in self.ranks)
+        return "".join(f"{r.ip} slots={slots}\n" for r in self.ranks)
+
+    def describe(self):
+        lines = [f"LAN group {self.group} port {self.port} ttl {self.ttl}"]
+        lines += [f"  rank {r.rank}: {r.hostname} {r.ip} {r.mac}"
+                  for r in self.ranks]
+        return "\n".join(lines)
+
+
+def job_key(job_id, user, salt=None):
+    """Job id and user plus randomness: two jobs never share a LAN."""
+    salt = secrets.token_hex(8) if salt is None else salt
+    return hashlib.sha256(f"{user}\0{job_id}\0{salt}".encode()).digest()
+
+
+def plan_lan(key, count, *, subnet=DEFAULT_SUBNET, ttl=0, prefix_name="r"):
+    """Plan ``count`` appliances on one LAN derived from ``key`` (bytes)."""
+    try:
+        net = ipaddress.ip_network(subnet, strict=True)
+    except ValueError as e:
+        raise ConfigError(f"--subnet: not a network: {subnet!r}",
+                          hint="e.g. --subnet 10.253.0.0/16") from e
+    if net.version != 4 or net.num_addresses < count + 2:
+        raise ConfigError(f"--subnet {subnet} has no room for {count} "
+                          "appliances", hint="use a larger IPv4 network")
+    offset = int.from_bytes(key[:4], "big") % GROUP_NET.num_addresses
+    group = GROUP_NET.network_address + offset
+    if int(group) & 0xFF in (0, 255):  # avoid .0/.255, easy to misfilter
+        group += 1 if int(group) & 0xFF == 0 else -1
+    port = PORT_BASE + int.from_bytes(key[4:6], "big") % PORT_SPAN
+    job = key[6:9]
+    ranks = []
+    for i in range(count):
+        mac = ":".join(f"{b:02x}" for b in (0x02, *job, i >> 8, i & 0xFF))
+        ranks.append(RankNet(i, mac, str(net.network_address + i + 1),
+                             f"{prefix_name}{i}"))
+    return LanPlan(str(group), port, ttl, net.prefixlen, tuple(ranks))
+
+
+# ------------------------------------------------------------ side effects
+def interface_addresses():
+    """{interface: [IPv4 addresses]}: netifaces if present, else psutil.
+
+    netifaces is archived upstream; this is the one place that uses it.
+    """
+    try:
+        import netifaces  # noqa: PLC0415
+
+        return {name: [a["addr"] for a in netifaces.ifaddresses(name).get(
+            netifaces.AF_INET, [])] for name in netifaces.interfaces()}
+    except ImportError:
+        import psutil  # noqa: PLC0415
+
+        return {name: [a.address for a in addrs if a.family == socket.AF_INET]
+                for name, addrs in psutil.net_if_addrs().items()}
+
+
+def multicast_route(group, port):
+    """(source address, interface) the host routes ``group`` through.
+
+    A UDP connect() does the route lookup without sending anything.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((group, port))
+        except OSError as e:
+            if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENODEV):
+                raise ConfigError(
+                    f"no multicast route for the job's LAN group {group}",
+                    hint="add one (ip route add 224.0.0.0/4 dev IFACE) or let "
+                    "apppot-mpirun use a private network namespace") from e
+            raise
+        source = s.getsockname()[0]
+    for name, addrs in interface_addresses().items():
+        if source in addrs:
+            return source, name
+    if source == "0.0.0.0":  # noqa: S104  (a route to lo has no source)
+        return source, "lo"
+    return source, "?"
+
+
+CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP, IFF_MULTICAST = 0x8913, 0x8914, 0x1, 0x1000
+
+
+def enter_private_netns():
+    """Move this (single-threaded) process into a new network namespace with
+    lo up and multicast routed to lo; a user namespace too when not root
+    (mapping our own uid to itself).  False if the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNET | (CLONE_NEWUSER if uid != 0 else 0)
+    if libc.unshare(flags) != 0:
+        log.info("no private network namespace: %s",
+                 os.strerror(ctypes.get_errno()))
+        return False
+    if uid != 0:
+        for path, text in (("/proc/self/setgroups", "deny"),
+                           ("/proc/self/uid_map", f"{uid} {uid} 1"),
+                           ("/proc/self/gid_map", f"{gid} {gid} 1")):
+            with open(path, "w") as f:
+                f.write(text)
+    _link_up("lo")
+    _add_route_to_lo(MCAST_ROUTE)
+    return True
+
+
+def _link_up(ifname):
+    import fcntl  # noqa: PLC0415
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", ifname.encode(), 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack(
+            "16sH14x", ifname.encode(), flags | IFF_UP | IFF_MULTICAST))
+
+
+def _add_route_to_lo(cidr):
+    """``ip route add CIDR dev lo`` through rtnetlink."""
+    net = ipaddress.ip_network(cidr)
+    rtm_newroute, nlm_f_request, nlm_f_ack, nlm_f_create = 24, 1, 4, 0x400
+    rtmsg = struct.pack("BBBBBBBBI", socket.AF_INET, net.prefixlen, 0, 0,
+                        254, 3, 253, 1, 0)  # main table, boot, link, unicast
+    attrs = (struct.pack("HH", 8, 1) + net.network_address.packed  # RTA_DST
+             + struct.pack("HHI", 8, 4, socket.if_nametoindex("lo")))  # OIF
+    body = rtmsg + attrs
+    msg = struct.pack("IHHII", 16 + len(body), rtm_newroute,
+                      nlm_f_request | nlm_f_ack | nlm_f_create, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
+                       socket.NETLINK_ROUTE) as nl:
+        nl.send(msg)
+        reply = nl.recv(4096)
+    err = struct.unpack_from("i", reply, 16)[0]
+    if err not in (0, -errno.EEXIST):
+        raise OSError(-err, f"adding route {cidr} dev lo: {os.strerror(-err)}")

@@ -1,0 +1,390 @@
+"""apppot-mpirun: run an MPI program with each rank in its own appliance.
+
+    apppot-mpirun [options] [--] PROG [ARGS...]
+
+Flow: detect the allocation (batchenv) → plan the job's LAN (mcastnet) →
+build one appliance spec per rank → start them all over one shared base
+image → guest init configures eth0, /etc/hosts, the MPI host file and an
+authenticated remote-start agent → rank 0's appliance runs the image's own
+``mpirun``/``mpiexec`` across the LAN → its status is ours → tear down.
+
+Exit status (Open MPI's rule): 0 if every rank succeeded, else the status of
+the lowest-numbered rank that failed (mpirun inside rank 0 applies it); 124
+on --timeout; 120/121 when an appliance fails to boot or crashes (with the
+rank named on stderr); 125 for bad input.
+"""
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import select
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from apppot import __version__, kernel
+from apppot import status as st
+from apppot.appliance import (Appliance, check_max_map_count, check_memdir,
+                              make_rundir, write_control_disk)
+from apppot.config import (APPLIANCE_OPTIONS, Option, add_options, apply_env,
+                           common_cli, parse_seconds, parse_size, setup_logging,
+                           warn_unknown_env)
+from apppot.errors import AppPotError, ApplianceError, ConfigError
+from apppot.images import check_image, parse_image_arg
+from apppot.spec import ApplianceSpec, GuestSpec, parse_env_args
+from apppot.start import ArgumentParser, Interrupts, caller_identity, check_jobdir
+from apppot.watchdog import Watchdog
+
+from . import batchenv, mcastnet
+
+log = logging.getLogger(__name__)
+
+RSH = "/usr/lib/apppot/apppot-rsh"
+HOSTFILE = "/run/apppot/mpi/hostfile"
+MPI_OPTIONS = APPLIANCE_OPTIONS + (
+    Option("timeout", ("--timeout",), "end the job after SECONDS (status 124)"),
+    Option("subnet", ("--subnet",),
+           f"IPv4 network of the job's LAN (default: {mcastnet.DEFAULT_SUBNET})"),
+    Option("log_dir", ("--log-dir",), "write each rank's boot log here"),
+)
+
+
+def build_parser():
+    parser = ArgumentParser(
+        prog="apppot-mpirun", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    parser.add_argument("-n", "-np", dest="n", type=int,
+                        help="number of ranks (default: the allocation's "
+                        "slots; without a batch system: the number of cores)")
+    parser.add_argument("--hostfile", "--machinefile", dest="hostfile",
+                        help="hosts: 'host slots=N' or 'host:N' lines")
+    parser.add_argument("-H", "--host", dest="hosts",
+                        help="comma-separated hosts, host:N for N slots")
+    parser.add_argument("--pe", choices=batchenv.names() + ["local"],
+                        help="use this batch system's allocation")
+    parser.add_argument("-x", dest="export", action="append",
+                        metavar="VAR[=VAL]", help="export VAR to all ranks")
+    parser.add_argument("--tag-output", action="store_true",
+                        help="prefix each output line with its rank")
+    parser.add_argument("--output-filename", metavar="DIR",
+                        help="write each rank's output to files in DIR")
+    parser.add_argument("--oversubscribe", action="store_true",
+                        help="allow more ranks than slots")
+    parser.add_argument("--no-netns", action="store_true",
+                        help="use the host network (TTL 0) even where a "
+                        "private network namespace is possible")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan and the appliances' argv, start "
+                        "nothing")
+    add_options(parser, MPI_OPTIONS)
+    common_cli(parser)
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__}")
+    parser.add_argument("prog", nargs=argparse.REMAINDER,
+                        help="MPI program and its arguments")
+    return parser
+
+
+# ------------------------------------------------------------- planning
+def image_flavour(image, requested=None):
+    """The image's MPI (from the build stamp next to it), or --mpi."""
+    stamp = Path(str(image) + ".json")
+    found = None
+    try:
+        found = json.loads(stamp.read_text()).get("mpi")
+    except (OSError, ValueError):
+        pass
+    if requested and found and requested != found:
+        raise ConfigError(f"--mpi {requested} but image {str(image)!r} has "
+                          f"{found}", hint="drop --mpi or pick another image")
+    flavour = requested or found or "openmpi"
+    if flavour == "none":
+        raise ConfigError(f"image {str(image)!r} has no MPI",
+                          hint="build one with apppot-image build --mpi openmpi")
+    return flavour
+
+
+def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
+                  output_dir=None, as_root=False):
+    """The in-guest MPI launcher command rank 0's appliance runs (data)."""
+    if flavour == "mpich":
+        argv = ["mpiexec.hydra", "-f", HOSTFILE, "-n", str(nranks),
+                "-launcher", "rsh", "-launcher-exec", RSH, "-iface", "eth0"]
+        for name, value in exports:
+            argv += ["-genv", name, value]
+        if tag_output:
+            argv.append("-prepend-rank")
+        if output_dir:
+            argv += ["-outfile-pattern", f"{output_dir}/rank.%r.stdout",
+                     "-errfile-pattern", f"{output_dir}/rank.%r.stderr"]
+        return argv + list(prog)
+    argv = ["mpirun", "--hostfile", HOSTFILE, "-n", str(nranks),
+            "--mca", "plm_rsh_agent", RSH, "--mca", "plm_rsh_no_tree_spawn", "1",
+            "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "eth0",
+            "--mca", "oob_tcp_if_include", "eth0"]
+    if as_root:
+        argv.append("--allow-run-as-root")
+    for name, _ in exports:
+        argv += ["-x", name]
+    if tag_output:
+        argv.append("--tag-output")
+    if output_dir:
+        argv += ["--output-filename", output_dir]
+    return argv + list(prog)
+
+
+@dataclass
+class RankPlan:
+    index: int
+    guest: GuestSpec
+    net_args: tuple
+
+
+def plan_ranks(lan, flavour, launcher, *, uid, gid, user, group, jobdir,
+               secret, env, boot_timeout):
+    """One GuestSpec per appliance (rank i lives in appliance i)."""
+    peers = [r.ip for r in lan.ranks]
+    root_env = {b"OMPI_ALLOW_RUN_AS_ROOT": b"1",
+                b"OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": b"1"} if uid == 0 else {}
+    plans = []
+    for r in lan.ranks:
+        argv = launcher if r.rank == 0 else ["sleep", "infinity"]
+        guest = GuestSpec(
+            uid=uid, gid=gid, user=user, group=group, jobdir=str(jobdir),
+            argv=[os.fsencode(a) for a in argv],
+            env={**root_env, **env} if r.rank == 0 else dict(root_env),
+            hostname=r.hostname, net=[{"commands": lan.guest_commands(r.rank)}],
+            hosts=lan.hosts(), hooks=["mpihook"],
+            extra={"mpi": {"rank": r.rank, "size": len(lan.ranks), "ip": r.ip,
+                           "peers": peers, "secret": secret,
+                           "hostfile": lan.hostfile(flavour),
+                           "flavour": flavour, "wait": boot_timeout,
+                           "agent_env": {k.decode(): v.decode()
+                                         for k, v in root_env.items()}}})
+        plans.append(RankPlan(r.rank, guest, lan.uml_args(r.rank)))
+    return plans
+
+
+def choose_ranks(args, alloc):
+    n = args.n
+    if n is not None and n < 1:
+        raise ConfigError(f"-n: need at least one rank, got {n}",
+                          hint="e.g. -n 4")
+    if n is None:
+        n = alloc.slots
+    if n > alloc.slots and not args.oversubscribe:
+        raise ConfigError(f"-n {n} exceeds the {alloc.slots} slots of the "
+                          f"{alloc.source} allocation",
+                          hint="request more slots, or add --oversubscribe")
+    if n > (os.cpu_count() or 1):
+        log.warning("%d ranks on %d cores: appliances will share cores", n,
+                    os.cpu_count() or 1)
+    return n
+
+
+def check_single_node(alloc):
+    import socket  # noqa: PLC0415
+
+    me = {"localhost", socket.gethostname(), socket.getfqdn(),
+          socket.gethostname().split(".")[0]}
+    others = [h for h, _ in alloc.hosts if h not in me]
+    if others:
+        raise ConfigError(f"the {alloc.source} allocation spans other hosts "
+                          f"({', '.join(others)}); multi-node runs are not "
+                          "supported yet", hint="run on one node (-H "
+                          "localhost) or request a single-node allocation")
+
+
+# ---------------------------------------------------------------- running
+def supervise(apps, *, boot_timeout, timeout, interrupted):
+    """Wait for rank 0's appliance; tear all down when any fails."""
+    t0 = min(a.started_at for a in apps)
+    socks = {a._sock: a for a in apps}
+    while True:
+        ready, _, _ = select.select(list(socks), [], [], 0.1)
+        for sock in ready:
+            socks[sock].poll_notices(0)
+        now = time.monotonic()
+        signum = interrupted()
+        if signum:
+            raise ApplianceError(f"interrupted by signal {signum}",
+                                 status=st.from_signal(signum))
+        if timeout and now - t0 > timeout:
+            raise ApplianceError(f"job timeout after {timeout:g} s",
+                                 status=st.TIMEOUT)
+        for i, app in enumerate(apps):
+            if app.ready_at is None and app.failure is None and (
+                    app.proc.poll() is None and now - t0 > boot_timeout):
+                raise ApplianceError(
+                    f"rank {i}: appliance not booted after {boot_timeout:g} s",
+                    status=st.BOOT_FAILED, details=app.log_tail(),
+                    hint="see the boot log (-vv); raise --boot-timeout")
+        for i, app in enumerate(apps):
+            if app.proc.poll() is None:
+                continue
+            app.poll_notices(0)
+            if i == 0:
+                return app.result()
+            try:
+                code = app.result()
+            except ApplianceError as e:
+                raise ApplianceError(f"rank {i}: {e}", status=e.status,
+                                     details=e.details) from None
+            raise ApplianceError(f"rank {i}: appliance exited (status {code}) "
+                                 "while the job ran", status=st.GUEST_CRASHED)
+
+
+def run(args, environ=None):
+    environ = os.environ if environ is None else environ
+    if not args.prog or args.prog == ["--"]:
+        raise ConfigError("no MPI program given",
+                          hint="apppot-mpirun -n 4 python3 prog.py")
+    prog = args.prog[1:] if args.prog[0] == "--" else args.prog
+    alloc = batchenv.detect(environ, pe=args.pe, hostfile=args.hostfile,
+                            hosts=args.hosts, nprocs=args.n)
+    check_single_node(alloc)
+    nranks = choose_ranks(args, alloc)
+    mem = parse_size(args.mem or "256M")
+    timeout = parse_seconds(args.timeout) if args.timeout else None
+    boot_timeout = parse_seconds(args.boot_timeout or 120, "--boot-timeout")
+    kern = kernel.find_kernel(args.kernel)
+    kern.require("mcast")
+    image = check_image(parse_image_arg(args.image, args.mpi or "openmpi").base)
+    flavour = image_flavour(image, args.mpi)
+    jobdir = check_jobdir(Path.cwd())
+    check_memdir(mem * nranks, environ)
+    check_max_map_count(mem)
+    exports = parse_env_args(args.export, environ)
+    output_dir = None
+    if args.output_filename:
+        output_dir = str(Path(args.output_filename).absolute())
+        if not output_dir.startswith(str(jobdir) + "/"):
+            raise ConfigError(f"--output-filename {args.output_filename!r} is "
+                              "outside the job dir", hint="the appliances see "
+                              "only the job dir; use a subdirectory of it")
+        os.makedirs(output_dir, exist_ok=True)
+    uid, gid, user, group = caller_identity()
+    launcher = launcher_argv(
+        flavour, nranks, prog, exports=[(k.decode(), v.decode("utf-8",
+                                         "surrogateescape"))
+                                        for k, v in exports.items()],
+        tag_output=args.tag_output, output_dir=output_dir, as_root=uid == 0)
+    job_id = alloc.job_id or str(os.getpid())
+    in_netns = False
+    if not (args.no_netns or args.dry_run):
+        in_netns = mcastnet.enter_private_netns()
+    lan = mcastnet.plan_lan(mcastnet.job_key(job_id, user), nranks,
+                            subnet=args.subnet or mcastnet.DEFAULT_SUBNET,
+                            ttl=0)
+    secret = secrets.token_hex(32)
+    plans = plan_ranks(lan, flavour, launcher, uid=uid, gid=gid, user=user,
+                       group=group, jobdir=jobdir, secret=secret,
+                       env=exports, boot_timeout=boot_timeout)
+    log.info("%s allocation: %s; %d ranks, %s image %s", alloc.source,
+             ", ".join(f"{h}:{s}" for h, s in alloc.hosts), nranks, flavour,
+             image)
+    log.info("%s", lan.describe())
+    log.info("rank 0 runs: %s", shlex.join(launcher))
+    if args.dry_run:
+        for p in plans:
+            print(f"rank {p.index}: {shlex.join(p.net_args)}")
+        print(f"rank 0 runs: {shlex.join(launcher)}")
+        print(lan.describe())
+        return 0
+    source, iface = mcastnet.multicast_route(lan.group, lan.port)
+    log.info("LAN carried by %s (%s)%s", iface, source,
+             " in a private network namespace" if in_netns else "")
+    return launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
+                  environ)
+
+
+def launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
+           environ):
+    from apppot.start import uml_env  # noqa: PLC0415
+
+    env = uml_env(environ)
+    log_dir = Path(args.log_dir).absolute() if args.log_dir else None
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    apps = []
+    with Watchdog() as dog, Interrupts() as interrupted:
+        try:
+            for p in plans:
+                rundir = make_rundir(prefix=f"apppot-r{p.index}-")
+                app = Appliance(rundir, name=f"rank {p.index}", keep=bool(
+                    args.keep), verbose=args.verbose >= 2 and p.index == 0,
+                    log_path=log_dir / f"rank{p.index}.log" if log_dir else None,
+                    watchdog=dog)
+                apps.append(app)
+                control = rundir / "control.tar"
+                changes = Path(args.changes).absolute() if args.changes else None
+                write_control_disk(control, p.guest.to_json(), changes)
+                channels = app.make_channels()
+                spec = ApplianceSpec(
+                    kernel=kern.path, umid=f"r{p.index}", uml_dir=rundir,
+                    mem_bytes=mem, image=image, cow=rundir / "root.cow",
+                    control=control, notify=rundir / "notify",
+                    channels=channels, hostfs=jobdir, net_args=p.net_args,
+                    quiet=args.verbose < 2)
+                if p.index == 0:
+                    app.start(spec, env, stdin_fd=0)
+                else:
+                    app.start(spec, env, stdout_fd=_discard, stderr_fd=_discard)
+            code = supervise(apps, boot_timeout=boot_timeout, timeout=timeout,
+                             interrupted=interrupted)
+            t_end = time.monotonic()
+            report(apps, t0, t_end)
+            return code
+        finally:
+            t_down = time.monotonic()
+            for app in apps:
+                app.stop_async()
+            for app in apps:
+                app.close()
+            log.info("teardown %.2f s", time.monotonic() - t_down)
+
+
+def _discard(_data):
+    pass
+
+
+def report(apps, t0, t_end):
+    booted = [a.ready_at for a in apps[1:] if a.ready_at] or [t0]
+    ready0 = apps[0].ready_at or t_end
+    log.info("timings: boot %.2f s (all appliances up), rank 0 launch at "
+             "%.2f s, MPI run %.2f s, total %.2f s", max(booted) - t0,
+             ready0 - t0, t_end - ready0, t_end - t0)
+
+
+def main(argv=None):
+    parser = build_parser()
+    debug = False
+    try:
+        args = parser.parse_args(argv)
+        debug = args.debug
+        setup_logging(args.verbose, args.debug)
+        warn_unknown_env(MPI_OPTIONS)
+        apply_env(args, MPI_OPTIONS)
+        return run(args)
+    except AppPotError as e:
+        if debug:
+            raise
+        print(f"apppot-mpirun: error: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        if e.details and logging.getLogger().isEnabledFor(logging.INFO):
+            print(e.details, file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return st.from_signal(signal.SIGINT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
