@@ -29,12 +29,25 @@ from pathlib import Path
 
 from apppot import __version__, kernel
 from apppot import status as st
-from apppot.appliance import (Appliance, check_max_map_count, check_memdir,
-                              make_rundir, write_control_disk)
-from apppot.config import (APPLIANCE_OPTIONS, Option, add_options, apply_env,
-                           common_cli, parse_seconds, parse_size, setup_logging,
-                           warn_unknown_env)
-from apppot.errors import AppPotError, ApplianceError, ConfigError
+from apppot.appliance import (
+    Appliance,
+    check_max_map_count,
+    check_memdir,
+    make_rundir,
+    write_control_disk,
+)
+from apppot.config import (
+    APPLIANCE_OPTIONS,
+    Option,
+    add_options,
+    apply_env,
+    common_cli,
+    parse_seconds,
+    parse_size,
+    setup_logging,
+    warn_unknown_env,
+)
+from apppot.errors import ApplianceError, AppPotError, ConfigError
 from apppot.images import check_image, parse_image_arg
 from apppot.spec import ApplianceSpec, GuestSpec, parse_env_args
 from apppot.start import ArgumentParser, Interrupts, caller_identity, check_jobdir
