@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from apppot.config import apppot_home
 from apppot.images import default_image
 

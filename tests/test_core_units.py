@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from apppot import snap, status
 from apppot.appliance import (
     MCONSOLE_MAGIC,

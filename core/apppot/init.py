@@ -110,7 +110,7 @@ def step_mount_basics(ctx):
     mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    os.makedirs(RUN, mode=0o700, exist_ok=True)
+    os.makedirs(RUN, mode=0o755, exist_ok=True)
 
 
 def step_read_control(ctx):
@@ -140,8 +140,11 @@ def step_hostname(ctx):
     name = spec.get("hostname") or "apppot"
     with open("/proc/sys/kernel/hostname", "w") as f:
         f.write(name)
-    hosts = ["127.0.0.1\tlocalhost", f"127.0.1.1\t{name}"]
-    hosts += [f"{ip}\t{host}" for ip, host in spec.get("hosts", [])]
+    lan = spec.get("hosts", [])
+    hosts = ["127.0.0.1\tlocalhost"]
+    if name not in {host for _, host in lan}:  # on a LAN: its own address
+        hosts.append(f"127.0.1.1\t{name}")
+    hosts += [f"{ip}\t{host}" for ip, host in lan]
     write_file("/etc/hosts", "\n".join(hosts) + "\n")
     write_file("/etc/hostname", name + "\n")
     link_up("lo")

@@ -1,0 +1,237 @@
+"""Unit tests of apppot-mpirun's pure planning: batch systems, LAN, argv."""
+
+import json
+import os
+
+import pytest
+
+from apppot.errors import ConfigError
+from apppot_mpi import batchenv, mcastnet, rankspawn
+
+
+# ------------------------------------------------------------- batchenv
+@pytest.mark.parametrize(("text", "hosts"), [
+    ("node[01-04,07],gpu[1-2]", ["node01", "node02", "node03", "node04",
+                                 "node07", "gpu1", "gpu2"]),
+    ("n1", ["n1"]),
+    ("a,b,c", ["a", "b", "c"]),
+    ("node64-[17-18]", ["node64-17", "node64-18"]),
+    ("gnode[10,20,25]", ["gnode10", "gnode20", "gnode25"]),
+    ("foo[2-4,12],bar,foobar[3-4]", ["foo2", "foo3", "foo4", "foo12", "bar",
+                                     "foobar3", "foobar4"]),
+    ("x[008-010]", ["x008", "x009", "x010"]),
+])
+def test_slurm_hostlist(text, hosts):
+    assert batchenv.expand_hostlist(text) == hosts
+
+
+@pytest.mark.parametrize("text", ["node[01-", "node]1[", "node[a-b]",
+                                  "n[1-2][3]"])
+def test_slurm_hostlist_malformed(text):
+    with pytest.raises(ConfigError, match="SLURM_JOB_NODELIST"):
+        batchenv.expand_hostlist(text)
+
+
+def test_slurm_counts():
+    assert batchenv.expand_counts("2(x3),1") == [2, 2, 2, 1]
+    assert batchenv.expand_counts("4") == [4]
+    with pytest.raises(ConfigError, match="SLURM_TASKS_PER_NODE"):
+        batchenv.expand_counts("2(x3")
+
+
+def test_slurm_allocation():
+    env = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[1-3],gpu1",
+           "SLURM_TASKS_PER_NODE": "2(x3),1", "SLURM_NTASKS": "7"}
+    alloc = batchenv.detect(env)
+    assert alloc.source == "slurm" and alloc.job_id == "77"
+    assert alloc.hosts == (("node1", 2), ("node2", 2), ("node3", 2),
+                           ("gpu1", 1))
+    assert alloc.slots == 7
+
+
+def test_slurm_extra_counts_tolerated_and_missing_counts_refused():
+    env = {"SLURM_JOBID": "1", "SLURM_NODELIST": "odin001",
+           "SLURM_TASKS_PER_NODE": "4(x30)"}
+    assert batchenv.detect(env).hosts == (("odin001", 4),)
+    env = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "a,b",
+           "SLURM_TASKS_PER_NODE": "1"}
+    with pytest.raises(ConfigError, match="names 1 nodes"):
+        batchenv.detect(env)
+
+
+def test_grid_engine(tmp_path):
+    pe = tmp_path / "pe_hostfile"
+    pe.write_text("execution-3.c.internal 32 all.q@execution-3.c.internal "
+                  "UNDEFINED\nb 2 q@b UNDEFINED\nexecution-3.c.internal 4 "
+                  "other.q@execution-3.c.internal UNDEFINED\n\n")
+    env = {"PE_HOSTFILE": str(pe), "JOB_ID": "9", "NSLOTS": "38",
+           "SGE_ROOT": "/sge"}
+    alloc = batchenv.detect(env)
+    assert alloc.source == "sge"
+    assert alloc.hosts == (("execution-3.c.internal", 36), ("b", 2))
+    pe.write_text("host-only\n")
+    with pytest.raises(ConfigError, match=r"pe_hostfile:1"):
+        batchenv.detect(env)
+    pe.write_text("h zero q UNDEFINED\n")
+    with pytest.raises(ConfigError, match="not a positive slot count"):
+        batchenv.detect(env)
+
+
+def test_pbs(tmp_path):
+    nf = tmp_path / "nodefile"
+    nf.write_text("n1\nn1\nn2\nn1\n")
+    alloc = batchenv.detect({"PBS_JOBID": "5.srv", "PBS_NODEFILE": str(nf),
+                             "PBS_ENVIRONMENT": "PBS_BATCH"})
+    assert alloc.hosts == (("n1", 3), ("n2", 1))
+    with pytest.raises(ConfigError, match="PBS_NODEFILE"):
+        batchenv.detect({"PBS_JOBID": "5", "PBS_NODEFILE": str(tmp_path / "x")})
+
+
+def test_lsf(tmp_path):
+    alloc = batchenv.detect({"LSB_JOBID": "3", "LSB_MCPU_HOSTS": "hostA 2 hostB 4"})
+    assert alloc.hosts == (("hostA", 2), ("hostB", 4))
+    f = tmp_path / "djob"
+    f.write_text("hostA\nhostA\nhostB\n")
+    alloc = batchenv.detect({"LSB_JOBID": "3", "LSB_DJOB_HOSTFILE": str(f)})
+    assert alloc.hosts == (("hostA", 2), ("hostB", 1))
+    with pytest.raises(ConfigError, match="LSB_MCPU_HOSTS"):
+        batchenv.detect({"LSB_JOBID": "3", "LSB_MCPU_HOSTS": "hostA 2 hostB"})
+
+
+def test_hostfile_forms(tmp_path):
+    hf = tmp_path / "hosts"
+    hf.write_text("# comment\nnode01 slots=4\nnode02\nnode03:2  # hydra\n"
+                  "node01 slots=2 max_slots=8\n")
+    alloc = batchenv.detect({}, hostfile=str(hf))
+    assert alloc.hosts == (("node01", 6), ("node02", 1), ("node03", 2))
+    hf.write_text("node01 slot=4\n")
+    with pytest.raises(ConfigError, match=r"hosts:1: unknown field"):
+        batchenv.detect({}, hostfile=str(hf))
+
+
+def test_explicit_beats_environment_and_pe_forces(tmp_path):
+    env = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "a",
+           "SLURM_TASKS_PER_NODE": "1"}
+    assert batchenv.detect(env, hosts="x,x,y:3").hosts == (("x", 2), ("y", 3))
+    assert batchenv.detect(env, pe="local", nprocs=3).hosts[0][1] == 3
+    with pytest.raises(ConfigError, match="no such batch system"):
+        batchenv.detect(env, pe="loadleveler")
+    assert batchenv.detect({}).source == "local"
+    assert batchenv.detect({}).slots == os.cpu_count()
+
+
+# ------------------------------------------------------------- mcastnet
+def test_lan_plan_is_deterministic_per_key_and_distinct_per_job():
+    k1 = mcastnet.job_key("42", "alice", salt="s")
+    assert mcastnet.plan_lan(k1, 2) == mcastnet.plan_lan(k1, 2)
+    plans = {(p.group, p.port) for p in (
+        mcastnet.plan_lan(mcastnet.job_key("42", "alice"), 2)
+        for _ in range(50))}
+    assert len(plans) == 50  # same job id and user: randomness separates
+
+
+def test_lan_plan_contents():
+    plan = mcastnet.plan_lan(mcastnet.job_key("1", "u", salt="x"), 3,
+                             subnet="10.9.0.0/24")
+    import ipaddress
+    assert ipaddress.ip_address(plan.group) in mcastnet.GROUP_NET
+    assert 20000 <= plan.port < 60000
+    assert [r.ip for r in plan.ranks] == ["10.9.0.1", "10.9.0.2", "10.9.0.3"]
+    macs = [r.mac for r in plan.ranks]
+    assert len(set(macs)) == 3
+    assert all(int(m.split(":")[0], 16) & 0b11 == 0b10 for m in macs)
+    assert plan.uml_args(1) == (f"eth0=mcast,{macs[1]},{plan.group},"
+                                f"{plan.port},0",)
+    assert plan.hostfile("openmpi") == ("10.9.0.1 slots=1\n10.9.0.2 slots=1\n"
+                                        "10.9.0.3 slots=1\n")
+    assert plan.hostfile("mpich").splitlines()[0] == "10.9.0.1:1"
+    assert ["ip", "addr", "add", "10.9.0.2/24", "dev", "eth0"] in \
+        plan.guest_commands(1)
+
+
+def test_lan_plan_bad_subnet():
+    key = mcastnet.job_key("1", "u")
+    with pytest.raises(ConfigError, match="--subnet"):
+        mcastnet.plan_lan(key, 2, subnet="10.0.0.1/33")
+    with pytest.raises(ConfigError, match="no room"):
+        mcastnet.plan_lan(key, 5, subnet="10.0.0.0/30")
+
+
+def test_interface_lookup_has_loopback():
+    addrs = mcastnet.interface_addresses()
+    assert any("127.0.0.1" in a for a in addrs.values())
+
+
+# ------------------------------------------------------------- launchers
+def test_openmpi_launcher_argv():
+    argv = rankspawn.launcher_argv(
+        "openmpi", 4, ["python3", "-c", "x", "-n", "9"], exports=[("A", "1")],
+        tag_output=True, output_dir="/j/out", as_root=True)
+    assert argv[:5] == ["mpirun", "--hostfile", rankspawn.HOSTFILE, "-n", "4"]
+    assert "--allow-run-as-root" in argv and "--tag-output" in argv
+    assert argv[argv.index("-x") + 1] == "A"
+    assert argv[argv.index("plm_rsh_agent") + 1] == rankspawn.RSH
+    assert argv[-5:] == ["python3", "-c", "x", "-n", "9"]
+    assert argv[argv.index("--output-filename") + 1] == "/j/out"
+
+
+def test_mpich_launcher_argv():
+    argv = rankspawn.launcher_argv("mpich", 2, ["prog"], exports=[("A", "1")],
+                                   tag_output=True)
+    assert argv[0] == "mpiexec.hydra" and argv[-1] == "prog"
+    assert argv[argv.index("-genv") + 1:argv.index("-genv") + 3] == ["A", "1"]
+    assert "-prepend-rank" in argv
+    assert argv[argv.index("-launcher-exec") + 1] == rankspawn.RSH
+
+
+def test_rank_plans_keep_secret_off_uml_argv():
+    lan = mcastnet.plan_lan(mcastnet.job_key("1", "u"), 3)
+    plans = rankspawn.plan_ranks(
+        lan, "openmpi", ["mpirun", "prog"], uid=1000, gid=100, user="u",
+        group="g", jobdir="/j", secret="ab" * 32, env={b"A": b"1"},
+        boot_timeout=60)
+    assert [p.index for p in plans] == [0, 1, 2]
+    for p in plans:
+        assert not any("ab" * 32 in a for a in p.net_args)
+        data = json.loads(p.guest.to_json())
+        assert data["mpi"]["secret"] == "ab" * 32
+        assert data["hooks"] == ["mpihook"]
+        assert data["mpi"]["peers"] == [r.ip for r in lan.ranks]
+    rank0 = json.loads(plans[0].guest.to_json())
+    assert [bytes.fromhex(a) for a in rank0["argv"]] == [b"mpirun", b"prog"]
+    other = json.loads(plans[1].guest.to_json())
+    assert [bytes.fromhex(a) for a in other["argv"]] == [b"sleep", b"infinity"]
+
+
+def test_too_many_ranks_needs_oversubscribe():
+    alloc = batchenv.Allocation("sge", (("h", 2),))
+
+    class Args:
+        n, oversubscribe = 3, False
+    with pytest.raises(ConfigError, match="exceeds the 2 slots"):
+        rankspawn.choose_ranks(Args, alloc)
+    Args.oversubscribe = True
+    assert rankspawn.choose_ranks(Args, alloc) == 3
+
+
+def test_multi_node_refused_for_now():
+    with pytest.raises(ConfigError, match="multi-node"):
+        rankspawn.check_single_node(batchenv.Allocation(
+            "slurm", (("localhost", 1), ("elsewhere-node", 1))))
+
+
+def test_agent_signature_depends_on_secret_nonce_and_request():
+    from apppot_mpi.guest import agent
+
+    s = agent.sign(b"k" * 32, b"n" * 32, b'{"cmd": "true"}')
+    assert s != agent.sign(b"j" * 32, b"n" * 32, b'{"cmd": "true"}')
+    assert s != agent.sign(b"k" * 32, b"m" * 32, b'{"cmd": "true"}')
+    assert s != agent.sign(b"k" * 32, b"n" * 32, b'{"cmd": "id"}')
+
+
+def test_dry_run_starts_nothing(tmp_path, capsys, monkeypatch, image):
+    monkeypatch.chdir(tmp_path)
+    code = rankspawn.main(["--dry-run", "-n", "2", "python3", "x.py"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "rank 1: eth0=mcast," in out and "rank 0 runs: mpirun" in out

@@ -1,0 +1,278 @@
+"""apppot-mpirun with real appliances: results, statuses, teardown, isolation.
+
+Every LAN stays inside a network namespace: apppot-mpirun's own, or one the
+test makes (``unshare -n`` with multicast routed to lo) for --no-netns runs.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from conftest import as_user, tool
+
+pytestmark = pytest.mark.uml
+
+ALLREDUCE = ("from mpi4py import MPI; import socket, json; c = MPI.COMM_WORLD; "
+             "h = socket.gethostname(); "
+             "print(json.dumps([c.rank, c.size, h, socket.gethostbyname(h), "
+             "c.allreduce(c.rank + 1), MPI.Get_library_version().split()[0]]),"
+             " flush=True)")
+
+
+def mpirun(args, *, cwd, user=None, input=None, timeout=240, env=None):
+    full_env = {**os.environ, **(env or {})}
+    if user is not None:
+        full_env["HOME"] = str(cwd)
+    return subprocess.run(as_user(user) + [tool("apppot-mpirun"), *args],
+                          cwd=cwd, input=input, capture_output=True,
+                          timeout=timeout, env=full_env, check=False,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def rows(stdout):
+    return sorted(json.loads(line) for line in stdout.decode().splitlines()
+                  if line.startswith("["))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_openmpi_allreduce(jobdir, nobody, image, n):
+    r = mpirun(["-n", str(n), "python3", "-c", ALLREDUCE], cwd=jobdir,
+               user=nobody)
+    assert r.returncode == 0, r.stderr
+    out = rows(r.stdout)
+    assert [row[0] for row in out] == list(range(n))
+    assert all(row[1] == n and row[4] == n * (n + 1) // 2 for row in out)
+    assert len({row[2] for row in out}) == n  # own hostname per rank
+    assert len({row[3] for row in out}) == n  # own IP per rank
+    assert {row[5] for row in out} == {"Open"}
+
+
+def test_mpich_allreduce(jobdir, nobody, mpich_image):
+    r = mpirun(["--mpi", "mpich", "-n", "2", "python3", "-c", ALLREDUCE],
+               cwd=jobdir, user=nobody)
+    assert r.returncode == 0, r.stderr
+    out = rows(r.stdout)
+    assert [(row[0], row[4], row[5]) for row in out] == [(0, 3, "MPICH"),
+                                                          (1, 3, "MPICH")]
+    assert out[0][3] != out[1][3]
+
+
+def test_as_root_without_user_namespace(jobdir, image):
+    r = mpirun(["-n", "2", "python3", "-c", ALLREDUCE], cwd=jobdir)
+    assert r.returncode == 0, r.stderr
+    assert [row[4] for row in rows(r.stdout)] == [3, 3]
+
+
+def test_lowest_failing_rank_status(jobdir, nobody, image):
+    prog = ("from mpi4py import MPI; import sys; r = MPI.COMM_WORLD.rank; "
+            "MPI.COMM_WORLD.Barrier(); sys.exit({1: 5, 2: 3}.get(r, 0))")
+    r = mpirun(["-n", "3", "python3", "-c", prog], cwd=jobdir, user=nobody)
+    assert r.returncode == 5, r.stderr
+
+
+def test_crashing_rank_tears_down_the_job(jobdir, nobody, image):
+    prog = ("from mpi4py import MPI; import os, time, signal; "
+            "c = MPI.COMM_WORLD; c.Barrier(); "
+            "os.kill(os.getpid(), signal.SIGKILL) if c.rank == 1 else "
+            "time.sleep(300)")
+    t0 = time.monotonic()
+    r = mpirun(["-n", "2", "python3", "-c", prog], cwd=jobdir, user=nobody)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 60
+
+
+def _uml_of_rank(rank, launcher_pid):
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and "linux.uml" in cmd[0] and f"umid=r{rank}" in cmd:
+            return p
+    return None
+
+
+def test_dead_appliance_tears_down_the_job(jobdir, image):
+    p = subprocess.Popen([tool("apppot-mpirun"), "-n", "2", "python3", "-c",
+                          "import time; time.sleep(300)"], cwd=jobdir,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        uml = None
+        while uml is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            uml = _uml_of_rank(1, p.pid)
+        assert uml is not None, "rank 1 appliance never started"
+        time.sleep(5)
+        t0 = time.monotonic()
+        os.killpg(uml.pid, signal.SIGKILL)
+        _, err = p.communicate(timeout=30)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 121, err
+    assert b"rank 1" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_tear_down(jobdir, nobody, image, sig):
+    p = subprocess.Popen(as_user(nobody) + [tool("apppot-mpirun"), "-n", "2",
+                         "sleep", "300"], cwd=jobdir, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "HOME": str(jobdir)})
+    time.sleep(6)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 128 + sig, err
+
+
+def test_timeout(jobdir, nobody, image):
+    t0 = time.monotonic()
+    r = mpirun(["--timeout", "12", "-n", "2", "sleep", "300"], cwd=jobdir,
+               user=nobody)
+    assert r.returncode == 124, r.stderr
+    assert time.monotonic() - t0 < 40
+
+
+@pytest.mark.parametrize("unprivileged", [True, False])
+def test_sigkill_of_launcher_leaves_nothing(jobdir, nobody, image,
+                                            unprivileged):
+    user = nobody if unprivileged else None
+    p = subprocess.Popen(as_user(user) + [tool("apppot-mpirun"), "-n", "2",
+                         "sleep", "300"], cwd=jobdir, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "HOME": str(jobdir)})
+    time.sleep(6)
+    p.kill()
+    p.wait()
+    # the autouse fixture asserts all appliances are gone within 10 s
+
+
+def test_mpirun_options(jobdir, nobody, image):
+    prog = ("from mpi4py import MPI; import os, sys; r = MPI.COMM_WORLD.rank; "
+            "data = sys.stdin.read() if r == 0 else ''; "
+            "print(f'rank{r} {os.environ.get(\"FOO\")} {len(data)}')")
+    r = mpirun(["-n", "2", "--tag-output", "-x", "FOO=bar baz", "python3",
+                "-c", prog], cwd=jobdir, user=nobody, input=b"x" * 1000)
+    assert r.returncode == 0, r.stderr
+    lines = sorted(r.stdout.decode().splitlines())
+    assert lines == ["[1,0]<stdout>:rank0 bar baz 1000",
+                     "[1,1]<stdout>:rank1 bar baz 0"]
+    r = mpirun(["-n", "2", "--output-filename", "out", "python3", "-c",
+                "from mpi4py import MPI; print('hi from', MPI.COMM_WORLD.rank)"],
+               cwd=jobdir, user=nobody)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p for p in (jobdir / "out").rglob("stdout"))
+    assert [f.read_text() for f in files] == ["hi from 0\n", "hi from 1\n"]
+    assert all(f.stat().st_uid == nobody.pw_uid for f in files)
+
+
+def test_bad_input_errors(jobdir, nobody, image):
+    r = mpirun(["-n", "2"], cwd=jobdir, user=nobody)
+    assert r.returncode == 125 and b"no MPI program" in r.stderr
+    r = mpirun(["-H", "a,,b", "-n", "1", "true"], cwd=jobdir, user=nobody)
+    assert r.returncode == 125 and b"-H" in r.stderr and b"hint:" in r.stderr
+    r = mpirun(["--subnet", "10.0.0.0/30", "-n", "4", "true"], cwd=jobdir,
+               user=nobody)
+    assert r.returncode == 125 and b"no room" in r.stderr
+    r = mpirun(["-n", "2", "--hostfile", "missing", "true"], cwd=jobdir,
+               user=nobody)
+    assert r.returncode == 125 and b"cannot read" in r.stderr
+
+
+def test_no_multicast_route_fails_fast(jobdir, image):
+    t0 = time.monotonic()
+    r = subprocess.run(["unshare", "-n", tool("apppot-mpirun"), "--no-netns",
+                        "-n", "2", "true"], cwd=jobdir, capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=60, check=False)
+    assert r.returncode == 125, r.stderr
+    assert b"no multicast route" in r.stderr and b"hint:" in r.stderr
+    assert time.monotonic() - t0 < 15
+
+
+SHARED_NETNS = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo && "
+                "exec \"$@\"")
+
+ISOLATION = r"""
+import os, socket, time, json
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+tag = os.environ["TAG"]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.bind(("", 9999))
+s.settimeout(0.1)
+seen = set()
+c.Barrier()
+end = time.time() + 8
+while time.time() < end:
+    if c.rank == 0:
+        s.sendto(tag.encode(), ("10.253.255.255", 9999))
+    try:
+        seen.add(s.recvfrom(100)[0].decode())
+    except socket.timeout:
+        pass
+allseen = c.gather(sorted(seen))
+if c.rank == 0:
+    print(json.dumps(allseen))
+"""
+
+
+def test_two_jobs_on_one_host_are_isolated(jobdir, image):
+    """Both jobs share one network namespace (made here) and one subnet:
+    only their multicast groups keep them apart."""
+    script = jobdir / "iso.py"
+    script.write_text(ISOLATION)
+    holder = subprocess.run(
+        ["unshare", "-n", "sh", "-c", SHARED_NETNS, "sh", "sh", "-c",
+         f"TAG=jobA {tool('apppot-mpirun')} --no-netns -n 2 -x TAG python3 "
+         f"{script} > a.out 2> a.err & "
+         f"TAG=jobB {tool('apppot-mpirun')} --no-netns -n 2 -x TAG python3 "
+         f"{script} > b.out 2> b.err; wait"],
+        cwd=jobdir, capture_output=True, stdin=subprocess.DEVNULL, timeout=240,
+        check=False)
+    assert holder.returncode == 0, holder.stderr
+    a = json.loads((jobdir / "a.out").read_text())
+    b = json.loads((jobdir / "b.out").read_text())
+    assert a == [["jobA"], ["jobA"]], (jobdir / "a.err").read_text()
+    assert b == [["jobB"], ["jobB"]], (jobdir / "b.err").read_text()
+
+
+FORGE = r"""
+import json, os, socket, struct, hashlib, hmac
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+result = None
+if c.rank == 0:
+    peer = socket.gethostbyname("r1")
+    def attempt(key, cmd):
+        s = socket.create_connection((peer, 7711), timeout=10)
+        nonce = s.recv(32)
+        payload = json.dumps({"cmd": cmd}).encode()
+        mac = hmac.new(key, nonce + payload, hashlib.sha256).digest()
+        s.sendall(mac + struct.pack("!I", len(payload)) + payload)
+        data = s.recv(100)
+        s.close()
+        return data
+    jobdir = os.getcwd()
+    forged = attempt(b"x" * 32, f"touch {jobdir}/pwned")
+    secret = bytes.fromhex(open("/run/apppot/mpi/secret").read().strip())
+    good = attempt(secret, "echo legit")
+    result = [forged.hex(), good[5:].decode()]
+print(json.dumps(result)) if c.rank == 0 else None
+c.Barrier()
+"""
+
+
+def test_agent_rejects_unauthenticated_requests(jobdir, nobody, image):
+    script = jobdir / "forge.py"
+    script.write_text(FORGE)
+    r = mpirun(["-n", "2", "python3", str(script)], cwd=jobdir, user=nobody)
+    assert r.returncode == 0, r.stderr
+    forged, good = json.loads(r.stdout)
+    assert forged == ""  # connection closed, nothing sent back
+    assert good == "legit\n"  # positive control: the real secret works
+    assert not (jobdir / "pwned").exists()
