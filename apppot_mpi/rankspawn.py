@@ -303,6 +303,7 @@ def run(args, environ=None):
              ", ".join(f"{h}:{s}" for h, s in alloc.hosts), nranks, flavour,
              image)
     log.info("%s", lan.describe())
+    log.info("host file:\n%s", lan.hostfile(flavour).rstrip())
     log.info("rank 0 runs: %s", shlex.join(launcher))
     if args.dry_run:
         for p in plans:

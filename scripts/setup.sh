@@ -39,11 +39,11 @@ mkdir -p "$APPPOT_HOME" && chmod 755 "$APPPOT_HOME"
 .venv/bin/apppot-image build --mpi mpich
 
 if [ "${1:-}" != "--no-demo" ]; then
-    echo "== running a job in an appliance" >&2
+    echo "== running a 4-rank MPI job, one appliance per rank" >&2
     demo=$(mktemp -d /var/tmp/apppot-demo-XXXXXX)
     cd "$demo"
-    "$REPO/.venv/bin/apppot-start" -v -- python3 -c \
-        'import platform, mpi4py; print("hello from", platform.node(), "kernel", platform.release(), "mpi4py", mpi4py.__version__)' \
-        2>&1 </dev/null || { echo "setup.sh: the demo job failed" >&2; exit 1; }
+    "$REPO/.venv/bin/apppot-mpirun" -v -n 4 python3 -c \
+        'from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; h = socket.gethostname(); print(f"rank {c.rank} of {c.size} on {h} ({socket.gethostbyname(h)}): allreduce = {c.allreduce(c.rank + 1)}")' \
+        </dev/null || { echo "setup.sh: the demo job failed" >&2; exit 1; }
     cd "$REPO" && rm -rf "$demo"
 fi
