@@ -21,7 +21,6 @@ import os
 import secrets
 import select
 import shlex
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -40,14 +39,12 @@ from apppot.config import (
     APPLIANCE_OPTIONS,
     Option,
     add_options,
-    apply_env,
+    cli_main,
     common_cli,
     parse_seconds,
     parse_size,
-    setup_logging,
-    warn_unknown_env,
 )
-from apppot.errors import ApplianceError, AppPotError, ConfigError
+from apppot.errors import ApplianceError, ConfigError
 from apppot.images import check_image, parse_image_arg
 from apppot.spec import ApplianceSpec, GuestSpec, parse_env_args
 from apppot.start import ArgumentParser, Interrupts, caller_identity, check_jobdir
@@ -378,26 +375,7 @@ def report(apps, t0, t_end):
 
 
 def main(argv=None):
-    parser = build_parser()
-    debug = False
-    try:
-        args = parser.parse_args(argv)
-        debug = args.debug
-        setup_logging(args.verbose, args.debug)
-        warn_unknown_env(MPI_OPTIONS)
-        apply_env(args, MPI_OPTIONS)
-        return run(args)
-    except AppPotError as e:
-        if debug:
-            raise
-        print(f"apppot-mpirun: error: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        if e.details and logging.getLogger().isEnabledFor(logging.INFO):
-            print(e.details, file=sys.stderr)
-        return e.status
-    except KeyboardInterrupt:
-        return st.from_signal(signal.SIGINT)
+    return cli_main(build_parser(), MPI_OPTIONS, run, argv)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,35 @@ def common_cli(parser):
                         help=argparse.SUPPRESS)
 
 
+def cli_main(parser, options, run, argv=None):
+    """The CLI boundary: parse, layer APPPOT_* defaults, run, and turn an
+    AppPotError into ``<prog>: error: ...`` + ``hint: ...`` and its status."""
+    import signal  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from .errors import AppPotError  # noqa: PLC0415
+
+    debug = False
+    try:
+        args = parser.parse_args(argv)
+        debug = args.debug
+        setup_logging(args.verbose, args.debug)
+        warn_unknown_env(options)
+        apply_env(args, options)
+        return run(args)
+    except AppPotError as e:
+        if debug:
+            raise
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        if e.details and logging.getLogger().isEnabledFor(logging.INFO):
+            print(e.details, file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
 def setup_logging(verbose, debug=False):
     level = logging.DEBUG if debug or os.environ.get("APPPOT_DEBUG") else (
         logging.INFO if verbose else logging.WARNING)

@@ -33,14 +33,12 @@ from .config import (
     APPLIANCE_OPTIONS,
     START_OPTIONS,
     add_options,
-    apply_env,
+    cli_main,
     common_cli,
     parse_seconds,
     parse_size,
-    setup_logging,
-    warn_unknown_env,
 )
-from .errors import AppPotError, ConfigError
+from .errors import ConfigError
 from .images import check_cow, check_image, parse_image_arg
 from .spec import ApplianceSpec, GuestSpec, parse_env_args, slirp_net
 from .watchdog import Watchdog
@@ -301,26 +299,7 @@ class TerminalRelay:
 
 
 def main(argv=None):
-    parser = build_parser()
-    debug = False
-    try:
-        args = parser.parse_args(argv)
-        debug = args.debug
-        setup_logging(args.verbose, args.debug)
-        warn_unknown_env(OPTIONS)
-        apply_env(args, OPTIONS)
-        return run(args)
-    except AppPotError as e:
-        if debug:
-            raise
-        print(f"apppot-start: error: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        if e.details and logging.getLogger().isEnabledFor(logging.INFO):
-            print(e.details, file=sys.stderr)
-        return e.status
-    except KeyboardInterrupt:
-        return status.from_signal(signal.SIGINT)
+    return cli_main(build_parser(), OPTIONS, run, argv)
 
 
 if __name__ == "__main__":
