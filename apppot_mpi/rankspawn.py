@@ -21,12 +21,13 @@ import os
 import secrets
 import select
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from apppot import __version__, kernel
+from apppot import __version__, kernel, share
 from apppot import status as st
 from apppot.appliance import (
     Appliance,
@@ -55,12 +56,19 @@ from . import batchenv, mcastnet
 log = logging.getLogger(__name__)
 
 RSH = "/usr/lib/apppot/apppot-rsh"
+RANKWRAP = "/usr/lib/apppot/rankwrap"
 HOSTFILE = "/run/apppot/mpi/hostfile"
 MPI_OPTIONS = APPLIANCE_OPTIONS + (
     Option("timeout", ("--timeout",), "end the job after SECONDS (status 124)"),
     Option("subnet", ("--subnet",),
            f"IPv4 network of the job's LAN (default: {mcastnet.DEFAULT_SUBNET})"),
     Option("log_dir", ("--log-dir",), "write each rank's boot log here"),
+    Option("jobdir_fs", ("--jobdir-fs",),
+           "how appliances share the job dir: 9p (coherent: one diod "
+           "server on the host), hostfs (fast, but appliances writing one "
+           "file can lose data), auto = 9p where diod and the kernel's 9p "
+           "modules exist (default: auto)",
+           kwargs=(("choices", ("auto", "9p", "hostfs")),)),
 )
 
 
@@ -125,7 +133,10 @@ def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
     """The in-guest MPI launcher command rank 0's appliance runs (data)."""
     if flavour == "mpich":
         argv = ["mpiexec.hydra", "-f", HOSTFILE, "-n", str(nranks),
-                "-launcher", "rsh", "-launcher-exec", RSH, "-iface", "eth0"]
+                "-launcher", "rsh", "-launcher-exec", RSH, "-iface", "eth0",
+                # ranks talk on the job LAN only (vec0, if any, is the
+                # private link to the job dir server, same address everywhere)
+                "-genv", "UCX_NET_DEVICES", "eth0"]
         for name, value in exports:
             argv += ["-genv", name, value]
         if tag_output:
@@ -133,10 +144,11 @@ def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
         if output_dir:
             argv += ["-outfile-pattern", f"{output_dir}/rank.%r.stdout",
                      "-errfile-pattern", f"{output_dir}/rank.%r.stderr"]
-        return argv + list(prog)
+        return [*argv, RANKWRAP, *prog]
     argv = ["mpirun", "--hostfile", HOSTFILE, "-n", str(nranks),
             "--mca", "plm_rsh_agent", RSH, "--mca", "plm_rsh_no_tree_spawn", "1",
-            "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "eth0",
+            "--mca", "pml", "ob1", "--mca", "btl", "tcp,self",
+            "--mca", "btl_tcp_if_include", "eth0",
             "--mca", "oob_tcp_if_include", "eth0"]
     if as_root:
         argv.append("--allow-run-as-root")
@@ -146,7 +158,7 @@ def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
         argv.append("--tag-output")
     if output_dir:
         argv += ["--output-filename", output_dir]
-    return argv + list(prog)
+    return [*argv, RANKWRAP, *prog]
 
 
 @dataclass
@@ -240,7 +252,7 @@ def supervise(apps, *, boot_timeout, timeout, interrupted):
                 continue
             app.poll_notices(0)
             if i == 0:
-                return app.result()
+                return job_status(apps, app.result())
             try:
                 code = app.result()
             except ApplianceError as e:
@@ -248,6 +260,34 @@ def supervise(apps, *, boot_timeout, timeout, interrupted):
                                      details=e.details) from None
             raise ApplianceError(f"rank {i}: appliance exited (status {code}) "
                                  "while the job ran", status=st.GUEST_CRASHED)
+
+
+def lowest_failed(statuses):
+    """Open MPI's rule on {rank: status}: the status of the lowest rank that
+    exited non-zero; ranks killed by a signal (the job's own abort kills the
+    others) count only when no rank failed by itself."""
+    for limit in (128, 255):
+        failed = sorted(r for r, c in statuses.items() if 0 < c <= limit)
+        if failed:
+            return statuses[failed[0]]
+    return 0
+
+
+def job_status(apps, launcher_status, settle=1.0):
+    """The job's status from the ranks' own reports (which can trail the
+    launcher's exit by a poll interval), else the launcher's."""
+    deadline = time.monotonic() + settle
+    nranks = len(apps)  # one rank per appliance
+    while time.monotonic() < deadline:
+        statuses = {}
+        for app in apps:
+            app.poll_notices(0)
+            statuses.update(app.rank_status)
+        if len(statuses) >= nranks:
+            break
+        time.sleep(0.05)
+    code = lowest_failed(statuses)
+    return code or launcher_status
 
 
 def run(args, environ=None):
@@ -269,6 +309,7 @@ def run(args, environ=None):
     flavour = image_flavour(image, args.mpi)
     jobdir = check_jobdir(Path.cwd())
     check_memdir(mem * nranks, environ)
+    share_modules = choose_jobdir_fs(args.jobdir_fs or "auto", kern)
     check_max_map_count(mem)
     exports = parse_env_args(args.export, environ)
     output_dir = None
@@ -312,11 +353,32 @@ def run(args, environ=None):
     log.info("LAN carried by %s (%s)%s", iface, source,
              " in a private network namespace" if in_netns else "")
     return launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
-                  environ)
+                  environ, share_modules)
+
+
+def choose_jobdir_fs(mode, kern):
+    """9P modules to hand the guests, or None for hostfs."""
+    if mode == "hostfs":
+        return None
+    modules = share.module_paths(kern)
+    missing = [what for what, ok in (
+        ("diod", share.NinePServer.available()),
+        ("libslirp-helper", shutil.which("libslirp-helper")),
+        (f"9p modules for kernel {kern.version}", modules),
+        ("the vector network driver", kern.has("vector"))) if not ok]
+    if not missing:
+        return modules
+    if mode == "9p":
+        raise ConfigError(f"--jobdir-fs 9p: missing {', '.join(missing)}",
+                          hint="install diod and libslirp-helper (Debian), or "
+                          "use --jobdir-fs hostfs")
+    log.warning("job dir shared through hostfs (no %s): appliances writing "
+                "the same file can lose data", ", ".join(missing))
+    return None
 
 
 def launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
-           environ):
+           environ, share_modules=None):
     from apppot.start import uml_env  # noqa: PLC0415
 
     env = uml_env(environ)
@@ -325,8 +387,19 @@ def launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
         log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     apps = []
+    server = None
+    jobrun = make_rundir(prefix="apppot-job-")
     with Watchdog() as dog, Interrupts() as interrupted:
         try:
+            files, helper = (), shutil.which("libslirp-helper")
+            if share_modules:
+                uid, gid, user, _ = caller_identity()
+                server = share.NinePServer(jobdir, uid, jobrun / "diod.log")
+                port = server.start(dog)
+                files = [(f"modules/{m.name}", m) for m in share_modules]
+                shared = share.ShareSpec(str(jobdir), port, tuple(
+                    m.name for m in share_modules), uid, gid, user).guest()
+                log.info("job dir shared over 9P (diod on port %d)", port)
             for p in plans:
                 rundir = make_rundir(prefix=f"apppot-r{p.index}-")
                 app = Appliance(rundir, name=f"rank {p.index}", keep=bool(
@@ -336,14 +409,22 @@ def launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
                 apps.append(app)
                 control = rundir / "control.tar"
                 changes = Path(args.changes).absolute() if args.changes else None
-                write_control_disk(control, p.guest.to_json(), changes)
                 channels = app.make_channels()
+                net_args, net_fds = p.net_args, ()
+                if share_modules:
+                    fd = app.start_slirp(helper)
+                    net_args += (f"vec0:transport=fd,fd={fd},vec=0",)
+                    net_fds = (fd,)
+                    p.guest.net = p.guest.net + [
+                        {"commands": share.slirp_commands()}]
+                    p.guest.extra["jobdir_fs"] = shared
+                write_control_disk(control, p.guest.to_json(), changes, files)
                 spec = ApplianceSpec(
                     kernel=kern.path, umid=f"r{p.index}", uml_dir=rundir,
                     mem_bytes=mem, image=image, cow=rundir / "root.cow",
                     control=control, notify=rundir / "notify",
-                    channels=channels, hostfs=jobdir, net_args=p.net_args,
-                    quiet=args.verbose < 2)
+                    channels=channels, hostfs=jobdir, net_args=net_args,
+                    net_fds=net_fds, quiet=args.verbose < 2)
                 if p.index == 0:
                     app.start(spec, env, stdin_fd=0)
                 else:
@@ -356,9 +437,12 @@ def launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
         finally:
             t_down = time.monotonic()
             for app in apps:
-                app.stop_async()
+                app.kill_now()
             for app in apps:
                 app.close()
+            if server:
+                server.stop(dog)
+            shutil.rmtree(jobrun, ignore_errors=True)
             log.info("teardown %.2f s", time.monotonic() - t_down)
 
 

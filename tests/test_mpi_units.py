@@ -171,17 +171,26 @@ def test_openmpi_launcher_argv():
     assert "--allow-run-as-root" in argv and "--tag-output" in argv
     assert argv[argv.index("-x") + 1] == "A"
     assert argv[argv.index("plm_rsh_agent") + 1] == rankspawn.RSH
-    assert argv[-5:] == ["python3", "-c", "x", "-n", "9"]
+    assert argv[-6:] == [rankspawn.RANKWRAP, "python3", "-c", "x", "-n", "9"]
     assert argv[argv.index("--output-filename") + 1] == "/j/out"
 
 
 def test_mpich_launcher_argv():
     argv = rankspawn.launcher_argv("mpich", 2, ["prog"], exports=[("A", "1")],
                                    tag_output=True)
-    assert argv[0] == "mpiexec.hydra" and argv[-1] == "prog"
-    assert argv[argv.index("-genv") + 1:argv.index("-genv") + 3] == ["A", "1"]
+    assert argv[0] == "mpiexec.hydra" and argv[-2:] == [rankspawn.RANKWRAP, "prog"]
+    genv = [argv[i + 1:i + 3] for i, a in enumerate(argv) if a == "-genv"]
+    assert ["A", "1"] in genv and ["UCX_NET_DEVICES", "eth0"] in genv
     assert "-prepend-rank" in argv
     assert argv[argv.index("-launcher-exec") + 1] == rankspawn.RSH
+
+
+def test_lowest_failed_rank_rule():
+    assert rankspawn.lowest_failed({0: 0, 1: 5, 2: 3}) == 5
+    assert rankspawn.lowest_failed({0: 143, 1: 0, 2: 3}) == 3  # 143: aborted
+    assert rankspawn.lowest_failed({0: 0, 1: 137}) == 137
+    assert rankspawn.lowest_failed({0: 0, 1: 0}) == 0
+    assert rankspawn.lowest_failed({}) == 0
 
 
 def test_rank_plans_keep_secret_off_uml_argv():

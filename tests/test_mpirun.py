@@ -67,10 +67,15 @@ def test_as_root_without_user_namespace(jobdir, image):
     assert [row[4] for row in rows(r.stdout)] == [3, 3]
 
 
-def test_lowest_failing_rank_status(jobdir, nobody, image):
-    prog = ("from mpi4py import MPI; import sys; r = MPI.COMM_WORLD.rank; "
-            "MPI.COMM_WORLD.Barrier(); sys.exit({1: 5, 2: 3}.get(r, 0))")
-    r = mpirun(["-n", "3", "python3", "-c", prog], cwd=jobdir, user=nobody)
+@pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
+def test_lowest_failing_rank_status(jobdir, nobody, image, mpich_image, mpi):
+    # rank 2 fails first and with the larger status; Open MPI's rule (and
+    # ours, for both MPIs) picks the lowest failing rank: 5
+    prog = ("from mpi4py import MPI; import sys, time; "
+            "r = MPI.COMM_WORLD.rank; MPI.COMM_WORLD.Barrier(); "
+            "time.sleep(1.5 if r == 1 else 0); sys.exit({1: 5, 2: 9}.get(r, 0))")
+    r = mpirun(["--mpi", mpi, "-n", "3", "python3", "-c", prog], cwd=jobdir,
+               user=nobody)
     assert r.returncode == 5, r.stderr
 
 

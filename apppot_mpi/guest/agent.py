@@ -49,7 +49,33 @@ def sign(secret, nonce, payload):
 
 
 # ------------------------------------------------------------------ server
+def report_statuses(status_dir="/run/apppot/mpi/status"):
+    """Forward each rank's recorded exit status to the launcher (as root:
+    only root may write /proc/mconsole)."""
+    import time  # noqa: PLC0415
+
+    done = set()
+    while True:
+        try:
+            names = [n for n in os.listdir(status_dir) if n.isdigit()]
+        except OSError:
+            names = []
+        for name in names:
+            if name in done:
+                continue
+            try:
+                with open(os.path.join(status_dir, name)) as f:
+                    code = int(f.read().strip() or 1)
+                with open("/proc/mconsole", "w") as f:
+                    f.write(f"apppot:rank {name} {code}")
+            except (OSError, ValueError):
+                continue
+            done.add(name)
+        time.sleep(0.05)
+
+
 def serve(config):
+    threading.Thread(target=report_statuses, daemon=True).start()
     secret = bytes.fromhex(config["secret"])
     srv = socket.create_server((config["ip"], PORT), backlog=64)
     while True:

@@ -47,6 +47,8 @@ def wait_for_peers(peers, timeout, log):
 def run(spec, user, log):
     mpi = spec["mpi"]
     os.makedirs(MPI_DIR, mode=0o755, exist_ok=True)
+    os.makedirs(f"{MPI_DIR}/status", mode=0o755, exist_ok=True)
+    os.chown(f"{MPI_DIR}/status", user["uid"], user["gid"])
     write(f"{MPI_DIR}/hostfile", mpi["hostfile"], 0o644)
     write(f"{MPI_DIR}/secret", mpi["secret"] + "\n", 0o400, user["uid"],
           user["gid"])

@@ -59,8 +59,11 @@ def parse_notice(data, at=0.0):
     return Notice(kind, text.decode(errors="replace"), at)
 
 
-def write_control_disk(path, spec_json, changes=None):
-    """The control disk is a plain tar (block aligned), padded to 64 KiB."""
+def write_control_disk(path, spec_json, changes=None, files=()):
+    """The control disk is a plain tar (block aligned), padded to 64 KiB.
+
+    ``files``: extra (name, host path) members, e.g. kernel modules.
+    """
     with open(path, "wb") as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             info = tarfile.TarInfo("spec.json")
@@ -68,6 +71,8 @@ def write_control_disk(path, spec_json, changes=None):
             tar.addfile(info, io.BytesIO(spec_json))
             if changes:
                 tar.add(str(changes), arcname="changes.tar.gz", recursive=False)
+            for name, src in files:
+                tar.add(str(src), arcname=name, recursive=False)
         if raw.tell() < CONTROL_MIN:
             raw.truncate(CONTROL_MIN)
     os.chmod(path, 0o400)
@@ -169,6 +174,7 @@ class Appliance:
         self.exit_code = None
         self.failure = None
         self.panic = None
+        self.rank_status = {}  # MPI rank -> exit status, from the guest
         self._threads = []
         self._stdin_sink = None
         self._stdin_go = threading.Event()
@@ -320,6 +326,9 @@ class Appliance:
                 self.exit_code = int(rest)
             elif word == "fail":
                 self.failure = rest
+            elif word == "rank":
+                rank, _, code = rest.partition(" ")
+                self.rank_status[int(rank)] = int(code)
 
     def wait(self, *, boot_timeout=60.0, timeout=None, interrupted=None):
         """Wait until UML exits; return the run's status (see ``status``).
@@ -376,14 +385,12 @@ class Appliance:
             return "\n".join(self._log_tail[-lines:])
 
     # ------------------------------------------------------------- teardown
-    def stop_async(self):
-        """Start stopping (SIGTERM to the group) without waiting: many
-        appliances then shut down in parallel; ``close()`` finishes."""
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    def kill_now(self):
+        """SIGKILL the whole group without waiting, for appliances whose
+        state does not matter (throw-away COW): many then die in parallel
+        and ``close()`` only reaps them."""
+        if self.proc is not None:
+            _kill_group(self.proc.pid)
 
     def stop(self):
         """SIGTERM the UML process group, SIGKILL after a grace period."""
@@ -455,13 +462,25 @@ def _kill_group(pgid):
 
 
 def _group_alive(pgid):
+    """Does the process group have a member that is not a zombie?  (UML's
+    orphaned helpers stay zombies until init reaps them.)"""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # state, ppid, pgrp
+            return True
+    return False
 
 
 def _write_all(fd, data):

@@ -86,7 +86,8 @@ def extra_guest_files():
     if spec is None or not spec.submodule_search_locations:
         return []
     where = Path(next(iter(spec.submodule_search_locations)))
-    return sorted(p for p in where.glob("*.py") if p.name != "__init__.py")
+    return sorted(p for p in list(where.glob("*.py")) + list(where.glob("*.sh"))
+                  if p.name != "__init__.py")
 
 
 def image_inputs(rootfs_key, mpi):
@@ -147,8 +148,9 @@ def install_guest(root, mpi, wheel_dir):
         shutil.copy2(HERE / name, lib / name)
         os.chmod(lib / name, 0o755)
     for path in extra_guest_files():
-        shutil.copy2(path, lib / path.name)
-        os.chmod(lib / path.name, 0o755)
+        name = path.stem if path.suffix == ".sh" else path.name
+        shutil.copy2(path, lib / name)
+        os.chmod(lib / name, 0o755)
     rsh = lib / "apppot-rsh"  # the MPI launchers' remote start (agent.py)
     rsh.write_text("#!/bin/sh\nexec /usr/bin/python3 -IB "
                    "/usr/lib/apppot/agent.py rsh \"$@\"\n")

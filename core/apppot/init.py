@@ -120,6 +120,12 @@ def step_read_control(ctx):
             for member in tar:
                 if member.name == "spec.json":
                     ctx["spec"] = json.load(tar.extractfile(member))
+                elif member.name.startswith("modules/") and member.isfile():
+                    os.makedirs(os.path.join(RUN, "modules"), exist_ok=True)
+                    dest = os.path.join(RUN, "modules",
+                                        os.path.basename(member.name))
+                    with open(dest, "wb") as out:
+                        out.write(tar.extractfile(member).read())
                 elif member.name == "changes.tar.gz":
                     dest = os.path.join(RUN, "changes.tar.gz")
                     with open(dest, "wb") as out:
@@ -173,22 +179,44 @@ def step_map_user(ctx):
                            spec.get("group") or "apppot")
 
 
-def step_mount_jobdir(ctx):
-    """6. The job dir through hostfs at its host path (the kernel's
-    ``hostfs=`` prefix already points at it, so the mount names no path)."""
-    jobdir = ctx["spec"].get("jobdir")
-    if jobdir:
-        mount("none", jobdir, "hostfs", MS_NODEV)
-
-
 def step_network(ctx):
-    """7. Network: none, slirp (user-mode NAT to the host's loopback), or a
+    """6. Network: none, slirp (user-mode NAT to the host's loopback), or a
     plan of addresses the launcher computed (the MPI LAN)."""
     for dev in ctx["spec"].get("net", []):
         for cmd in dev.get("commands", []):
             run_quiet(cmd)
         if dev.get("resolv"):
             write_file("/etc/resolv.conf", dev["resolv"])
+
+
+def step_mount_jobdir(ctx):
+    """7. The job dir at its host path: through hostfs (the kernel's
+    ``hostfs=`` prefix already points at it, so the mount names no path), or
+    over 9P from the launcher's server when several appliances share it."""
+    spec = ctx["spec"]
+    jobdir = spec.get("jobdir")
+    share = spec.get("jobdir_fs") or {"type": "hostfs"}
+    if not jobdir:
+        return
+    if share["type"] == "9p":
+        for name in share["modules"]:
+            load_module(os.path.join(RUN, "modules", name))
+        mount(share["server"], jobdir, "9p", MS_NODEV, share["options"])
+    else:
+        mount("none", jobdir, "hostfs", MS_NODEV)
+
+
+def load_module(path):
+    """insmod without kmod in the image (finit_module)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(313, fd, b"", 0) != 0:  # SYS_finit_module (x86_64)
+            err = ctypes.get_errno()
+            if err != 17:  # EEXIST: already loaded
+                raise StepError(f"loading {os.path.basename(path)}: "
+                                f"{os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def step_hooks(ctx):
@@ -213,7 +241,7 @@ def step_finalize(ctx):
 
 
 STEPS = [step_mount_basics, step_read_control, step_hostname,
-         step_merge_changes, step_map_user, step_mount_jobdir, step_network,
+         step_merge_changes, step_map_user, step_network, step_mount_jobdir,
          step_hooks, step_run]
 FINALIZE_STEPS = [step_mount_basics, step_read_control, step_finalize]
 
