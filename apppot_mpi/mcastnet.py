@@ -47,14 +47,13 @@ class LanPlan:
     prefix: int
     ranks: tuple  # RankNet per appliance
 
-    def uml_args(self, index):
-        r = self.ranks[index]
-        return (f"eth0=mcast,{r.mac},{self.group},{self.port},{self.ttl}",)
+    def uml_args(self, index, transport=None):
+        return (transport or McastTransport()).uml_args(self, index)
 
-    def guest_commands(self, index):
+    def guest_commands(self, index, device="eth0"):
         r = self.ranks[index]
-        return [["ip", "addr", "add", f"{r.ip}/{self.prefix}", "dev", "eth0"],
-                ["ip", "link", "set", "eth0", "up"]]
+        return [["ip", "addr", "add", f"{r.ip}/{self.prefix}", "dev", device],
+                ["ip", "link", "set", device, "up"]]
 
     def hosts(self):
         return [[r.ip, r.hostname] for r in self.ranks]
@@ -69,6 +68,33 @@ class LanPlan:
         lines += [f"  rank {r.rank}: {r.hostname} {r.ip} {r.mac}"
                   for r in self.ranks]
         return "\n".join(lines)
+
+
+class Transport:
+    """How the appliances' Ethernet frames meet (a seam: a hub on UML's
+    vector ``fd`` transport plugs in here for kernels without mcast)."""
+
+    name = ""
+    kernel_feature = ""  # apppot.kernel feature the guest kernel needs
+    device = "eth0"  # the guest's interface on the job LAN
+
+    def uml_args(self, plan, index):
+        raise NotImplementedError
+
+
+class McastTransport(Transport):
+    """UML's legacy ``mcast``: every appliance joins the job's group."""
+
+    name = "mcast"
+    kernel_feature = "mcast"
+
+    def uml_args(self, plan, index):
+        r = plan.ranks[index]
+        return (f"{self.device}=mcast,{r.mac},{plan.group},{plan.port},"
+                f"{plan.ttl}",)
+
+
+TRANSPORTS = {t.name: t for t in (McastTransport,)}
 
 
 def job_key(job_id, user, salt=None):

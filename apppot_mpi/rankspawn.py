@@ -161,6 +161,14 @@ def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
     return [*argv, RANKWRAP, *prog]
 
 
+def map_ranks(nranks, per_appliance=1):
+    """Which MPI ranks live in which appliance, in rank order.  One per
+    appliance today (UML 6.1 is uniprocessor); SMP kernels will pack the
+    ranks of a node into one appliance by changing only this mapping."""
+    return [tuple(range(i, min(i + per_appliance, nranks)))
+            for i in range(0, nranks, per_appliance)]
+
+
 @dataclass
 class RankPlan:
     index: int
@@ -169,8 +177,10 @@ class RankPlan:
 
 
 def plan_ranks(lan, flavour, launcher, *, uid, gid, user, group, jobdir,
-               secret, env, boot_timeout):
-    """One GuestSpec per appliance (rank i lives in appliance i)."""
+               secret, env, boot_timeout, transport=None, slots=1):
+    """One GuestSpec per appliance (appliance i holds the ranks of
+    ``map_ranks`` entry i; the host file gives it that many slots)."""
+    transport = transport or mcastnet.McastTransport()
     peers = [r.ip for r in lan.ranks]
     root_env = {b"OMPI_ALLOW_RUN_AS_ROOT": b"1",
                 b"OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": b"1"} if uid == 0 else {}
@@ -181,15 +191,16 @@ def plan_ranks(lan, flavour, launcher, *, uid, gid, user, group, jobdir,
             uid=uid, gid=gid, user=user, group=group, jobdir=str(jobdir),
             argv=[os.fsencode(a) for a in argv],
             env={**root_env, **env} if r.rank == 0 else dict(root_env),
-            hostname=r.hostname, net=[{"commands": lan.guest_commands(r.rank)}],
+            hostname=r.hostname,
+            net=[{"commands": lan.guest_commands(r.rank, transport.device)}],
             hosts=lan.hosts(), hooks=["mpihook"],
             extra={"mpi": {"rank": r.rank, "size": len(lan.ranks), "ip": r.ip,
                            "peers": peers, "secret": secret,
-                           "hostfile": lan.hostfile(flavour),
+                           "hostfile": lan.hostfile(flavour, slots),
                            "flavour": flavour, "wait": boot_timeout,
                            "agent_env": {k.decode(): v.decode()
                                          for k, v in root_env.items()}}})
-        plans.append(RankPlan(r.rank, guest, lan.uml_args(r.rank)))
+        plans.append(RankPlan(r.rank, guest, transport.uml_args(lan, r.rank)))
     return plans
 
 
@@ -304,7 +315,8 @@ def run(args, environ=None):
     timeout = parse_seconds(args.timeout) if args.timeout else None
     boot_timeout = parse_seconds(args.boot_timeout or 120, "--boot-timeout")
     kern = kernel.find_kernel(args.kernel)
-    kern.require("mcast")
+    transport = mcastnet.TRANSPORTS["mcast"]()
+    kern.require(transport.kernel_feature)
     image = check_image(parse_image_arg(args.image, args.mpi or "openmpi").base)
     flavour = image_flavour(image, args.mpi)
     jobdir = check_jobdir(Path.cwd())
@@ -330,13 +342,15 @@ def run(args, environ=None):
     in_netns = False
     if not (args.no_netns or args.dry_run):
         in_netns = mcastnet.enter_private_netns()
-    lan = mcastnet.plan_lan(mcastnet.job_key(job_id, user), nranks,
+    appliances = map_ranks(nranks)
+    lan = mcastnet.plan_lan(mcastnet.job_key(job_id, user), len(appliances),
                             subnet=args.subnet or mcastnet.DEFAULT_SUBNET,
                             ttl=0)
     secret = secrets.token_hex(32)
     plans = plan_ranks(lan, flavour, launcher, uid=uid, gid=gid, user=user,
                        group=group, jobdir=jobdir, secret=secret,
-                       env=exports, boot_timeout=boot_timeout)
+                       env=exports, boot_timeout=boot_timeout,
+                       transport=transport, slots=len(appliances[0]))
     log.info("%s allocation: %s; %d ranks, %s image %s", alloc.source,
              ", ".join(f"{h}:{s}" for h, s in alloc.hosts), nranks, flavour,
              image)

@@ -185,6 +185,15 @@ def test_mpich_launcher_argv():
     assert argv[argv.index("-launcher-exec") + 1] == rankspawn.RSH
 
 
+def test_rank_mapping_and_transport_seams():
+    assert rankspawn.map_ranks(3) == [(0,), (1,), (2,)]
+    assert rankspawn.map_ranks(5, per_appliance=2) == [(0, 1), (2, 3), (4,)]
+    plan = mcastnet.plan_lan(mcastnet.job_key("1", "u", salt="s"), 2)
+    t = mcastnet.TRANSPORTS["mcast"]()
+    assert t.kernel_feature == "mcast"
+    assert t.uml_args(plan, 1) == plan.uml_args(1)
+
+
 def test_lowest_failed_rank_rule():
     assert rankspawn.lowest_failed({0: 0, 1: 5, 2: 3}) == 5
     assert rankspawn.lowest_failed({0: 143, 1: 0, 2: 3}) == 3  # 143: aborted

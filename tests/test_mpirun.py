@@ -8,7 +8,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -166,13 +168,17 @@ def test_mpirun_options(jobdir, nobody, image):
     lines = sorted(r.stdout.decode().splitlines())
     assert lines == ["[1,0]<stdout>:rank0 bar baz 1000",
                      "[1,1]<stdout>:rank1 bar baz 0"]
-    r = mpirun(["-n", "2", "--output-filename", "out", "python3", "-c",
+    r = mpirun(["-n", "2", "--log-dir", "logs", "--output-filename", "out",
+                "python3", "-c",
                 "from mpi4py import MPI; print('hi from', MPI.COMM_WORLD.rank)"],
                cwd=jobdir, user=nobody)
     assert r.returncode == 0, r.stderr
     files = sorted(p for p in (jobdir / "out").rglob("stdout"))
     assert [f.read_text() for f in files] == ["hi from 0\n", "hi from 1\n"]
     assert all(f.stat().st_uid == nobody.pw_uid for f in files)
+    logs = sorted(p.name for p in (jobdir / "logs").iterdir())
+    assert logs == ["rank0.log", "rank1.log"]
+    assert b"apppot-init" in (jobdir / "logs" / "rank1.log").read_bytes()
 
 
 def test_bad_input_errors(jobdir, nobody, image):
@@ -280,4 +286,25 @@ def test_agent_rejects_unauthenticated_requests(jobdir, nobody, image):
     forged, good = json.loads(r.stdout)
     assert forged == ""  # connection closed, nothing sent back
     assert good == "legit\n"  # positive control: the real secret works
+    assert not (jobdir / "pwned").exists()
+
+
+def test_injected_frames_cannot_run_anything(jobdir, image):
+    """A host process that joins the job's group can reach the guests with
+    hand-made frames (ARP, a TCP handshake, the agent's nonce all come
+    back), but without the job secret the agent runs nothing."""
+    inject = Path(__file__).with_name("progs") / "inject.py"
+    script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo && "
+              f"{tool('apppot-mpirun')} --no-netns -n 2 sleep 40 "
+              "> job.out 2> job.err & "
+              f"sleep 15; {sys.executable} {inject} {jobdir} > inject.json; "
+              "wait")
+    r = subprocess.run(["unshare", "-n", "sh", "-c", script], cwd=jobdir,
+                       capture_output=True, stdin=subprocess.DEVNULL,
+                       timeout=180, check=False)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads((jobdir / "inject.json").read_text())
+    assert seen["arp_reply"] and seen["syn_ack"], seen  # frames do get in
+    assert seen["nonce_bytes"] == 32, seen
+    assert seen["closed_by_agent"] and seen["answer_bytes"] == 0, seen
     assert not (jobdir / "pwned").exists()
