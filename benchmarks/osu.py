@@ -134,7 +134,7 @@ def main(argv=None):
         sys.exit("osu.py: this test requires exactly two processes")
     out = []
     if args.test == "barrier":
-        per = probe(lambda: comm.Barrier(), comm)
+        per = probe(comm.Barrier, comm)
         loop, skip = iterations("barrier", 0, args.budget, per)
         out.append({"size": 0, "value": barrier(comm, loop, skip),
                     "iterations": loop})
