@@ -58,12 +58,12 @@ def collect(args):
         data["startup"]["launch_to_payload"] = {"appliance": appl,
                                                 "native": native}
         for n in p["wall_n"]:
-            for env in ("native-shm", "appliance"):
+            for env in p["envs"]:
                 log(f"job wall time n={n} {env}")
                 data["startup"].setdefault(f"job-{n}", {})[env] = \
                     suite.job_walltime(work, env, n)
         for n in p["mem_n"]:
-            for env in ("native-shm", "appliance"):
+            for env in p["envs"]:
                 log(f"memory n={n} {env}")
                 data["memory"].setdefault(f"n{n}", {})[env] = \
                     suite.memory_per_rank(work, env, n, p["hold"])
@@ -164,7 +164,7 @@ def plots(data, out):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     jobs = sorted((int(k.split("-")[1]), v) for k, v in data["startup"].items()
                   if k.startswith("job-"))
-    for env in ("native-shm", "appliance"):
+    for env in jobs[0][1]:
         ax.plot([n for n, _ in jobs], [v[env] for _, v in jobs], marker="o",
                 label=env)
     ax.set_xlabel("ranks")

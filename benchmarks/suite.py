@@ -105,9 +105,24 @@ SLEEPER = ("from mpi4py import MPI; import time; c = MPI.COMM_WORLD; "
            "c.Barrier(); time.sleep({s}); c.Barrier()")
 
 
+def image_cache_mib(image=None):
+    """Host page cache held by the base image (util-linux fincore): shared
+    by all appliances, so counted once per job."""
+    if image is None:
+        from apppot.images import default_image  # noqa: PLC0415
+
+        image = default_image("openmpi")
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output",
+                          "RES", str(image)], capture_output=True, text=True,
+                         check=False).stdout.strip()
+    return int(out or 0) / 2**20
+
+
 def memory_per_rank(work, env, n, hold=10.0):
     """Host memory per rank (PSS, MiB) while an n-rank job idles after
-    MPI_Init: summed over each appliance's processes, or the rank process."""
+    MPI_Init: summed over each appliance's processes (plus the base image's
+    page cache, counted once and split over the ranks), or the rank
+    process."""
     cmd = mpi_command(env, n, ["-c", SLEEPER.format(s=hold)])
     before = {p.pid for p in psutil.process_iter()}
     proc = subprocess.Popen(cmd, cwd=work.path, stdin=subprocess.DEVNULL,
@@ -126,7 +141,8 @@ def memory_per_rank(work, env, n, hold=10.0):
             proc.kill()
     if not best:
         raise RuntimeError(f"memory: no complete sample for {env} n={n}")
-    return statistics.mean(best)
+    shared = image_cache_mib() / n if env == "appliance" else 0.0
+    return statistics.mean(best) + shared
 
 
 def _pss(p):
