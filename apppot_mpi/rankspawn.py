@@ -58,7 +58,12 @@ log = logging.getLogger(__name__)
 RSH = "/usr/lib/apppot/apppot-rsh"
 RANKWRAP = "/usr/lib/apppot/rankwrap"
 HOSTFILE = "/run/apppot/mpi/hostfile"
-MPI_OPTIONS = APPLIANCE_OPTIONS + (
+MPI_OPTIONS = tuple(
+    o for o in APPLIANCE_OPTIONS
+    if o.dest not in ("net", "log", "boot_timeout")  # per-rank: --log-dir
+) + (
+    Option("boot_timeout", ("--boot-timeout",),
+           "seconds allowed for all appliances to boot (default: 120)"),
     Option("timeout", ("--timeout",), "end the job after SECONDS (status 124)"),
     Option("subnet", ("--subnet",),
            f"IPv4 network of the job's LAN (default: {mcastnet.DEFAULT_SUBNET})"),
