@@ -127,7 +127,7 @@ def apppot_home(environ=None):
 
 def common_cli(parser):
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="show the plan, timings and the boot log")
+                        help="-v: the plan and timings; -vv: also the boot log")
     parser.add_argument("--debug", action="store_true",
                         help=argparse.SUPPRESS)
 

@@ -65,8 +65,9 @@ def build_parser():
         prog="apppot-start", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Without PROG, ./apppot-run in the job dir is run if it is "
-        "executable, else a shell.\nstdin: a terminal gives an interactive "
-        "session; a pipe or file is the program's stdin.\n\n"
+        "executable, else a shell.\nstdin and stdout on a terminal give an "
+        "interactive session; else stdin (a pipe or file) is the program's "
+        "stdin.\n\n"
         + status.help_text())
     add_options(parser, OPTIONS)
     parser.add_argument("--env", action="append", metavar="VAR[=VAL]",
