@@ -1,0 +1,101 @@
+#!/bin/sh
+# A single-host Slurm from Debian's packages, for tests and demos (as root).
+#
+#   scripts/slurm-local.sh up     install slurm-wlm + munge, start munged,
+#                                 slurmctld, slurmd; prints the SLURM_CONF
+#   scripts/slurm-local.sh down   stop exactly what 'up' started
+#
+# State lives in $SLURM_LOCAL_DIR (default /var/tmp/apppot-slurm).  The node
+# declares 4 CPUs (oversubscribed on small machines) so 4-task jobs run.
+set -eu
+
+DIR="${SLURM_LOCAL_DIR:-/var/tmp/apppot-slurm}"
+CONF="$DIR/slurm.conf"
+HOST=$(hostname -s)
+
+up() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "slurm-local.sh: run as root" >&2; exit 1
+    fi
+    if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends slurm-wlm munge >/dev/null
+    fi
+    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" "$DIR/munge"
+    chown munge:munge "$DIR/munge"
+    chmod 700 "$DIR/munge"
+    # munge: a key and a private socket/pid/log, started as the munge user
+    if [ ! -s /etc/munge/munge.key ]; then
+        dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2>/dev/null
+        chown munge:munge /etc/munge/munge.key
+        chmod 400 /etc/munge/munge.key
+    fi
+    mkdir -p /run/munge && chown munge:munge /run/munge
+    if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+        runuser -u munge -- /usr/sbin/munged --pid-file "$DIR/munge/munged.pid" \
+            --log-file "$DIR/munge/munged.log"
+    fi
+    cat > "$CONF" <<EOF
+ClusterName=apppot
+SlurmctldHost=$HOST
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SlurmdParameters=config_overrides
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+NodeName=$HOST CPUs=4 RealMemory=8000 State=UNKNOWN
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+EOF
+    slurmctld -f "$CONF"
+    slurmd -f "$CONF"
+    export SLURM_CONF="$CONF"
+    i=0
+    until sinfo -h -o %T 2>/dev/null | grep -q -E '^(idle|mixed|allocated)'; do
+        scontrol update nodename="$HOST" state=resume 2>/dev/null || true
+        i=$((i + 1))
+        if [ $i -gt 60 ]; then
+            echo "slurm-local.sh: node did not become idle; see $DIR/log" >&2
+            exit 1
+        fi
+        sleep 0.5
+    done
+    echo "SLURM_CONF=$CONF"
+}
+
+stop_pidfile() {
+    if [ -s "$1" ]; then
+        pid=$(cat "$1")
+        kill "$pid" 2>/dev/null || true
+        i=0
+        while kill -0 "$pid" 2>/dev/null && [ $i -lt 50 ]; do
+            sleep 0.1; i=$((i + 1))
+        done
+        kill -9 "$pid" 2>/dev/null || true
+        rm -f "$1"
+    fi
+}
+
+down() {
+    stop_pidfile "$DIR/slurmd.pid"
+    stop_pidfile "$DIR/slurmctld.pid"
+    stop_pidfile "$DIR/munge/munged.pid"
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
