@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 NOTIFY = struct.Struct("=IIiI")  # magic, version, type, len (mconsole.h)
 MCONSOLE_MAGIC = 0xCAFEBABE
-N_SOCKET, N_PANIC, N_HANG, N_USER = 0, 1, 2, 3
+N_SOCKET, N_PANIC, N_USER = 0, 1, 3
 FRAME = struct.Struct("!I")  # framed stdin, see init.unframe
 CONTROL_MIN = 64 << 10  # keeps the kernel's partition probe inside the disk
 STOP_GRACE = 2.0
@@ -167,7 +167,6 @@ class Appliance:
         self.watchdog = watchdog
         self.proc = None
         self.helper = None
-        self.notices = []
         self.started_at = None
         self.ready_at = None
         self.booted_at = None
@@ -176,10 +175,9 @@ class Appliance:
         self.panic = None
         self.rank_status = {}  # MPI rank -> exit status, from the guest
         self._threads = []
-        self._stdin_sink = None
         self._stdin_go = threading.Event()
         self._sock = None
-        self._close_fds = []
+        self._log_files = []
         self._log_tail = []
         self._log_lock = threading.Lock()
 
@@ -205,6 +203,8 @@ class Appliance:
         for fd in self._child_ends:
             os.close(fd)
         self._child_ends = []
+        self._log_files = [open(path, "ab") for path in  # noqa: SIM115
+                           (self.rundir / "console.log", self.log_path) if path]
         self._relay(self._console_r, self._log_sink, "console")
         if not interactive:
             self._relay(self._out_r, _fd_sink(stdout_fd), "stdout")
@@ -261,11 +261,9 @@ class Appliance:
         with self._log_lock:
             self._log_tail = (self._log_tail + data.decode(
                 errors="replace").splitlines())[-40:]
-            with open(self.rundir / "console.log", "ab") as f:
+            for f in self._log_files:
                 f.write(data)
-            if self.log_path:
-                with open(self.log_path, "ab") as f:
-                    f.write(data)
+                f.flush()
         if self.verbose:
             os.write(2, data)
 
@@ -310,7 +308,6 @@ class Appliance:
                 self._handle(notice)
 
     def _handle(self, n):
-        self.notices.append(n)
         log.debug("%s: notice %d %r", self.name, n.kind, n.text)
         if n.kind == N_SOCKET and self.booted_at is None:
             self.booted_at = n.at
@@ -419,12 +416,7 @@ class Appliance:
         if self.proc is not None:
             if self.proc.poll() is None or _group_alive(self.proc.pid):
                 self.stop()
-            # UML helpers can outlive the main pid: the group must be empty
-            if _group_alive(self.proc.pid):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill_group(self.proc.pid)  # helpers can outlive the main pid
         if self.helper is not None:
             _kill_group(self.helper.pid)
             self.helper.wait()
@@ -433,6 +425,9 @@ class Appliance:
         self._stdin_go.set()
         for t in self._threads:
             t.join(2.0)
+        for f in self._log_files:
+            f.close()
+        self._log_files = []
         if self._sock is not None:
             self._sock.close()
             self._sock = None

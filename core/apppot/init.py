@@ -122,17 +122,11 @@ def step_read_control(ctx):
                     ctx["spec"] = json.load(tar.extractfile(member))
                 elif member.name.startswith("modules/") and member.isfile():
                     os.makedirs(os.path.join(RUN, "modules"), exist_ok=True)
-                    dest = os.path.join(RUN, "modules",
-                                        os.path.basename(member.name))
-                    with open(dest, "wb") as out:
-                        out.write(tar.extractfile(member).read())
+                    copy_member(tar, member, os.path.join(
+                        RUN, "modules", os.path.basename(member.name)))
                 elif member.name == "changes.tar.gz":
-                    dest = os.path.join(RUN, "changes.tar.gz")
-                    with open(dest, "wb") as out:
-                        src = tar.extractfile(member)
-                        while chunk := src.read(1 << 20):
-                            out.write(chunk)
-                    ctx["changes"] = dest
+                    ctx["changes"] = copy_member(
+                        tar, member, os.path.join(RUN, "changes.tar.gz"))
     except (OSError, tarfile.TarError, ValueError) as e:
         raise StepError(f"cannot read control disk {CONTROL_DISK}: {e}") from e
     if "spec" not in ctx:
@@ -247,6 +241,20 @@ FINALIZE_STEPS = [step_mount_basics, step_read_control, step_finalize]
 
 
 # ------------------------------------------------------------------ helpers
+def copy_member(tar, member, dest):
+    with open(dest, "wb") as out:
+        src = tar.extractfile(member)
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+    return dest
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_file(path, text, mode=0o644):
     tmp = path + ".apppot-tmp"
     with open(tmp, "w") as f:
@@ -353,16 +361,11 @@ def open_raw(path, flags):
     return fd
 
 
-def pump(src, dst, close_dst=True, drain_tty=False):
-    """Copy src to dst until EOF (a thread per stream)."""
+def pump(src, dst, drain_tty=False):
+    """Copy src to dst until EOF, then close dst (a thread per stream)."""
     try:
-        while True:
-            data = os.read(src, 65536)
-            if not data:
-                break
-            view = memoryview(data)
-            while view:
-                view = view[os.write(dst, view):]
+        while data := os.read(src, 65536):
+            write_all(dst, data)
     except OSError:
         pass
     finally:
@@ -371,8 +374,7 @@ def pump(src, dst, close_dst=True, drain_tty=False):
                 termios.tcdrain(dst)
             except termios.error:
                 pass
-        if close_dst:
-            os.close(dst)
+        os.close(dst)
 
 
 def unframe(src, dst):
@@ -394,9 +396,7 @@ def unframe(src, dst):
                 if not data:
                     return
                 buf += data
-            payload = memoryview(buf)[FRAME.size:FRAME.size + size]
-            while payload:
-                payload = payload[os.write(dst, payload):]
+            write_all(dst, memoryview(buf)[FRAME.size:FRAME.size + size])
             buf = buf[FRAME.size + size:]
     except OSError:
         pass  # the program closed its stdin: stop feeding it
@@ -413,7 +413,6 @@ def program_env(spec, user):
     }
     if spec.get("jobdir"):
         env["PWD"] = spec["jobdir"]
-    env.update(spec.get("env_plain", {}))
     raw = {bytes.fromhex(k): bytes.fromhex(v)
            for k, v in spec.get("env", {}).items()}
     out = {k.encode(): v.encode() for k, v in env.items()}
