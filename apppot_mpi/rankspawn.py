@@ -27,12 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from apppot import __version__, kernel, share
+from apppot import __version__, share
 from apppot import status as st
 from apppot.appliance import (
     Appliance,
-    check_max_map_count,
-    check_memdir,
     make_rundir,
     write_control_disk,
 )
@@ -42,13 +40,16 @@ from apppot.config import (
     add_options,
     cli_main,
     common_cli,
-    parse_seconds,
-    parse_size,
 )
 from apppot.errors import ApplianceError, ConfigError
-from apppot.images import check_image, parse_image_arg
 from apppot.spec import ApplianceSpec, GuestSpec, parse_env_args
-from apppot.start import ArgumentParser, Interrupts, caller_identity, check_jobdir
+from apppot.start import (
+    ArgumentParser,
+    Interrupts,
+    caller_identity,
+    prepare_common,
+    uml_env,
+)
 from apppot.watchdog import Watchdog
 
 from . import batchenv, mcastnet
@@ -316,18 +317,14 @@ def run(args, environ=None):
                             hosts=args.hosts, nprocs=args.n)
     check_single_node(alloc)
     nranks = choose_ranks(args, alloc)
-    mem = parse_size(args.mem or "256M")
-    timeout = parse_seconds(args.timeout) if args.timeout else None
-    boot_timeout = parse_seconds(args.boot_timeout or 120, "--boot-timeout")
-    kern = kernel.find_kernel(args.kernel)
+    appliances = map_ranks(nranks)
+    common = prepare_common(args, environ, count=len(appliances),
+                            boot_default=120.0)
+    kern, jobdir = common.kernel, common.jobdir
     transport = mcastnet.TRANSPORTS["mcast"]()
     kern.require(transport.kernel_feature)
-    image = check_image(parse_image_arg(args.image, args.mpi or "openmpi").base)
-    flavour = image_flavour(image, args.mpi)
-    jobdir = check_jobdir(Path.cwd())
-    check_memdir(mem * nranks, environ)
+    flavour = image_flavour(common.image, args.mpi)
     share_modules = choose_jobdir_fs(args.jobdir_fs or "auto", kern)
-    check_max_map_count(mem)
     exports = parse_env_args(args.export, environ)
     output_dir = None
     if args.output_filename:
@@ -337,7 +334,8 @@ def run(args, environ=None):
                               "outside the job dir", hint="the appliances see "
                               "only the job dir; use a subdirectory of it")
         os.makedirs(output_dir, exist_ok=True)
-    uid, gid, user, group = caller_identity()
+    identity = caller_identity()
+    uid, gid, user, group = identity
     launcher = launcher_argv(
         flavour, nranks, prog, exports=[(k.decode(), v.decode("utf-8",
                                          "surrogateescape"))
@@ -347,18 +345,17 @@ def run(args, environ=None):
     in_netns = False
     if not (args.no_netns or args.dry_run):
         in_netns = mcastnet.enter_private_netns()
-    appliances = map_ranks(nranks)
     lan = mcastnet.plan_lan(mcastnet.job_key(job_id, user), len(appliances),
                             subnet=args.subnet or mcastnet.DEFAULT_SUBNET,
                             ttl=0)
     secret = secrets.token_hex(32)
     plans = plan_ranks(lan, flavour, launcher, uid=uid, gid=gid, user=user,
                        group=group, jobdir=jobdir, secret=secret,
-                       env=exports, boot_timeout=boot_timeout,
+                       env=exports, boot_timeout=common.boot_timeout,
                        transport=transport, slots=len(appliances[0]))
     log.info("%s allocation: %s; %d ranks, %s image %s", alloc.source,
              ", ".join(f"{h}:{s}" for h, s in alloc.hosts), nranks, flavour,
-             image)
+             common.image)
     log.info("%s", lan.describe())
     log.info("host file:\n%s", lan.hostfile(flavour).rstrip())
     log.info("rank 0 runs: %s", shlex.join(launcher))
@@ -371,8 +368,7 @@ def run(args, environ=None):
     source, iface = mcastnet.multicast_route(lan.group, lan.port)
     log.info("LAN carried by %s (%s)%s", iface, source,
              " in a private network namespace" if in_netns else "")
-    return launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
-                  environ, share_modules)
+    return launch(args, plans, common, identity, environ, share_modules)
 
 
 def choose_jobdir_fs(mode, kern):
@@ -396,11 +392,10 @@ def choose_jobdir_fs(mode, kern):
     return None
 
 
-def launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
-           environ, share_modules=None):
-    from apppot.start import uml_env  # noqa: PLC0415
-
+def launch(args, plans, common, identity, environ, share_modules=None):
+    """Start the appliances, supervise them, always tear them all down."""
     env = uml_env(environ)
+    jobdir = common.jobdir
     log_dir = Path(args.log_dir).absolute() if args.log_dir else None
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -412,7 +407,7 @@ def launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
         try:
             files, helper = (), shutil.which("libslirp-helper")
             if share_modules:
-                uid, gid, user, _ = caller_identity()
+                uid, gid, user, _ = identity
                 server = share.NinePServer(jobdir, uid, jobrun / "diod.log")
                 port = server.start(dog)
                 files = [(f"modules/{m.name}", m) for m in share_modules]
@@ -427,7 +422,6 @@ def launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
                     watchdog=dog)
                 apps.append(app)
                 control = rundir / "control.tar"
-                changes = Path(args.changes).absolute() if args.changes else None
                 channels = app.make_channels()
                 net_args, net_fds = p.net_args, ()
                 if share_modules:
@@ -437,10 +431,12 @@ def launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
                     p.guest.net = p.guest.net + [
                         {"commands": share.slirp_commands()}]
                     p.guest.extra["jobdir_fs"] = shared
-                write_control_disk(control, p.guest.to_json(), changes, files)
+                write_control_disk(control, p.guest.to_json(), common.changes,
+                                   files)
                 spec = ApplianceSpec(
-                    kernel=kern.path, umid=f"r{p.index}", uml_dir=rundir,
-                    mem_bytes=mem, image=image, cow=rundir / "root.cow",
+                    kernel=common.kernel.path, umid=f"r{p.index}",
+                    uml_dir=rundir, mem_bytes=common.mem, image=common.image,
+                    cow=rundir / "root.cow",
                     control=control, notify=rundir / "notify",
                     channels=channels, hostfs=jobdir, net_args=net_args,
                     net_fds=net_fds, quiet=args.verbose < 2)
@@ -448,8 +444,8 @@ def launch(args, plans, kern, image, mem, jobdir, timeout, boot_timeout,
                     app.start(spec, env, stdin_fd=0)
                 else:
                     app.start(spec, env, stdout_fd=_discard, stderr_fd=_discard)
-            code = supervise(apps, boot_timeout=boot_timeout, timeout=timeout,
-                             interrupted=interrupted)
+            code = supervise(apps, boot_timeout=common.boot_timeout,
+                             timeout=common.timeout, interrupted=interrupted)
             t_end = time.monotonic()
             report(apps, t0, t_end)
             return code

@@ -192,6 +192,12 @@ def test_bad_input_errors(jobdir, nobody, image):
     r = mpirun(["-n", "2", "--hostfile", "missing", "true"], cwd=jobdir,
                user=nobody)
     assert r.returncode == 125 and b"cannot read" in r.stderr
+    r = mpirun(["-n", "2", "--changes", "nope.tar.gz", "true"], cwd=jobdir,
+               user=nobody)
+    assert r.returncode == 125 and b"changes archive not readable" in r.stderr
+    r = mpirun(["-n", "2", "--image", f"{jobdir}/c.cow:{image}", "true"],
+               cwd=jobdir, user=nobody)
+    assert r.returncode == 125 and b"one COW file cannot serve" in r.stderr
 
 
 def test_no_multicast_route_fails_fast(jobdir, image):

@@ -19,6 +19,7 @@ import sys
 import termios
 import threading
 import tty
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, kernel, status
@@ -134,22 +135,35 @@ class Interrupts:
             signal.signal(sig, old)
 
 
-def prepare(args, environ):
-    """Validate everything before starting anything; return the plan."""
+@dataclass(frozen=True)
+class Prepared:
+    """What the checks shared by apppot-start and apppot-mpirun found."""
+
+    mem: int
+    timeout: float | None
+    boot_timeout: float
+    kernel: kernel.Kernel
+    image: Path
+    cow: Path | None
+    changes: Path | None
+    jobdir: Path
+
+
+def prepare_common(args, environ, *, count=1, boot_default=60.0):
+    """Validate the appliance options for ``count`` appliances before
+    anything starts (bad input: one-line errors, status 125)."""
     mem = parse_size(args.mem or "256M")
     timeout = parse_seconds(args.timeout) if args.timeout else None
-    boot_timeout = parse_seconds(args.boot_timeout or 60, "--boot-timeout")
+    boot_timeout = parse_seconds(args.boot_timeout or boot_default,
+                                 "--boot-timeout")
     kern = kernel.find_kernel(args.kernel)
-    slirp = None
-    if (args.net or "none") == "slirp":
-        kern.require("vector")
-        slirp = shutil.which("libslirp-helper")
-        if not slirp:
-            raise ConfigError("--net slirp: libslirp-helper is not installed",
-                              hint="install Debian's libslirp-helper package")
     choice = parse_image_arg(args.image, args.mpi or "openmpi")
     image = check_image(choice.base)
     if choice.cow:
+        if count > 1:
+            raise ConfigError("--image COW:IMG: one COW file cannot serve "
+                              f"{count} appliances", hint="give the image "
+                              "alone; each appliance gets its own COW file")
         check_cow(choice.cow, image)
     changes = None
     if args.changes:
@@ -158,13 +172,23 @@ def prepare(args, environ):
             raise ConfigError(f"changes archive not readable: {args.changes!r}",
                               hint="give a file made by apppot-snap changes")
     jobdir = check_jobdir(Path.cwd())
-    check_memdir(mem, environ)
+    check_memdir(mem * count, environ)
     check_max_map_count(mem)
-    env = parse_env_args(args.env, environ)
-    return {"mem": mem, "timeout": timeout, "boot_timeout": boot_timeout,
-            "kernel": kern, "image": image, "cow": choice.cow,
-            "changes": changes, "jobdir": jobdir, "env": env,
-            "slirp": slirp}
+    return Prepared(mem, timeout, boot_timeout, kern, image, choice.cow,
+                    changes, jobdir)
+
+
+def prepare(args, environ):
+    """apppot-start's checks: the shared ones, slirp, --env."""
+    common = prepare_common(args, environ)
+    slirp = None
+    if (args.net or "none") == "slirp":
+        common.kernel.require("vector")
+        slirp = shutil.which("libslirp-helper")
+        if not slirp:
+            raise ConfigError("--net slirp: libslirp-helper is not installed",
+                              hint="install Debian's libslirp-helper package")
+    return common, slirp, parse_env_args(args.env, environ)
 
 
 def guest_env(environ, interactive, extra):
@@ -186,7 +210,7 @@ def uml_env(environ):
 
 def run(args, environ=None):
     environ = os.environ if environ is None else environ
-    plan = prepare(args, environ)
+    plan, slirp, guest_vars = prepare(args, environ)
     interactive = os.isatty(0) and os.isatty(1)
     uid, gid, user, group = caller_identity()
     argv = [os.fsencode(a) for a in args.prog]
@@ -198,8 +222,8 @@ def run(args, environ=None):
         winsize = (size.lines, size.columns)
     umid = args.id or f"apppot-{os.getpid()}"
     guest = GuestSpec(uid=uid, gid=gid, user=user, group=group,
-                      jobdir=str(plan["jobdir"]), argv=argv,
-                      env=guest_env(environ, interactive, plan["env"]),
+                      jobdir=str(plan.jobdir), argv=argv,
+                      env=guest_env(environ, interactive, guest_vars),
                       hostname=umid[:63], interactive=interactive,
                       winsize=winsize)
     rundir = make_rundir()
@@ -216,23 +240,23 @@ def run(args, environ=None):
             tty.setraw(slave)
         channels = app.make_channels(interactive, slave)
         net_args, net_fds = (), ()
-        if plan["slirp"]:
-            fd = app.start_slirp(plan["slirp"])
+        if slirp:
+            fd = app.start_slirp(slirp)
             net_fds = (fd,)
             net_args, guest.net = slirp_net(fd)
-        write_control_disk(control, guest.to_json(), plan["changes"])
+        write_control_disk(control, guest.to_json(), plan.changes)
         notify = rundir / "notify"
         if len(str(rundir / umid / "mconsole")) > 100:
             raise ConfigError(f"run directory path too long: {str(rundir)!r}",
                               hint="set TMPDIR to a shorter path")
         spec = ApplianceSpec(
-            kernel=plan["kernel"].path, umid=umid, uml_dir=rundir,
-            mem_bytes=plan["mem"], image=plan["image"],
-            cow=plan["cow"] or rundir / "root.cow", control=control,
-            notify=notify, channels=channels, hostfs=plan["jobdir"],
+            kernel=plan.kernel.path, umid=umid, uml_dir=rundir,
+            mem_bytes=plan.mem, image=plan.image,
+            cow=plan.cow or rundir / "root.cow", control=control,
+            notify=notify, channels=channels, hostfs=plan.jobdir,
             net_args=net_args, net_fds=net_fds, quiet=args.verbose < 2)
         log.info("kernel %s (%s), image %s, mem %d MiB, run dir %s",
-                 spec.kernel, plan["kernel"].version, spec.image,
+                 spec.kernel, plan.kernel.version, spec.image,
                  spec.mem_bytes >> 20, rundir)
         app.start(spec, uml_env(environ), stdin_fd=0,
                   interactive=interactive)
@@ -241,8 +265,8 @@ def run(args, environ=None):
             relay = TerminalRelay(master, app)
             relay.start()
         try:
-            code = app.wait(boot_timeout=plan["boot_timeout"],
-                            timeout=plan["timeout"], interrupted=interrupted)
+            code = app.wait(boot_timeout=plan.boot_timeout,
+                            timeout=plan.timeout, interrupted=interrupted)
         finally:
             if relay:
                 relay.stop()
