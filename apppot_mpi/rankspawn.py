@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import secrets
-import select
 import shlex
 import shutil
 import sys
@@ -28,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apppot import __version__, share
-from apppot import status as st
 from apppot.appliance import (
     Appliance,
     make_rundir,
+    wait_all,
     write_control_disk,
 )
 from apppot.config import (
@@ -41,7 +40,7 @@ from apppot.config import (
     cli_main,
     common_cli,
 )
-from apppot.errors import ApplianceError, ConfigError
+from apppot.errors import ConfigError
 from apppot.spec import ApplianceSpec, GuestSpec, parse_env_args
 from apppot.start import (
     ArgumentParser,
@@ -241,44 +240,6 @@ def check_single_node(alloc):
 
 
 # ---------------------------------------------------------------- running
-def supervise(apps, *, boot_timeout, timeout, interrupted):
-    """Wait for rank 0's appliance; tear all down when any fails."""
-    t0 = min(a.started_at for a in apps)
-    socks = {a._sock: a for a in apps}
-    while True:
-        ready, _, _ = select.select(list(socks), [], [], 0.1)
-        for sock in ready:
-            socks[sock].poll_notices(0)
-        now = time.monotonic()
-        signum = interrupted()
-        if signum:
-            raise ApplianceError(f"interrupted by signal {signum}",
-                                 status=st.from_signal(signum))
-        if timeout and now - t0 > timeout:
-            raise ApplianceError(f"job timeout after {timeout:g} s",
-                                 status=st.TIMEOUT)
-        for i, app in enumerate(apps):
-            if app.ready_at is None and app.failure is None and (
-                    app.proc.poll() is None and now - t0 > boot_timeout):
-                raise ApplianceError(
-                    f"rank {i}: appliance not booted after {boot_timeout:g} s",
-                    status=st.BOOT_FAILED, details=app.log_tail(),
-                    hint="see the boot log (-vv); raise --boot-timeout")
-        for i, app in enumerate(apps):
-            if app.proc.poll() is None:
-                continue
-            app.poll_notices(0)
-            if i == 0:
-                return job_status(apps, app.result())
-            try:
-                code = app.result()
-            except ApplianceError as e:
-                raise ApplianceError(f"rank {i}: {e}", status=e.status,
-                                     details=e.details) from None
-            raise ApplianceError(f"rank {i}: appliance exited (status {code}) "
-                                 "while the job ran", status=st.GUEST_CRASHED)
-
-
 def lowest_failed(statuses):
     """Open MPI's rule on {rank: status}: the status of the lowest rank that
     exited non-zero; ranks killed by a signal (the job's own abort kills the
@@ -444,8 +405,9 @@ def launch(args, plans, common, identity, environ, share_modules=None):
                     app.start(spec, env, stdin_fd=0)
                 else:
                     app.start(spec, env, stdout_fd=_discard, stderr_fd=_discard)
-            code = supervise(apps, boot_timeout=common.boot_timeout,
-                             timeout=common.timeout, interrupted=interrupted)
+            code = job_status(apps, wait_all(
+                apps, boot_timeout=common.boot_timeout, timeout=common.timeout,
+                interrupted=interrupted))
             t_end = time.monotonic()
             report(apps, t0, t_end)
             return code

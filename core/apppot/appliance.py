@@ -329,33 +329,9 @@ class Appliance:
 
     def wait(self, *, boot_timeout=60.0, timeout=None, interrupted=None):
         """Wait until UML exits; return the run's status (see ``status``).
-
-        ``interrupted()`` returning a signal number stops the run.
-        """
-        boot_deadline = self.started_at + boot_timeout
-        deadline = self.started_at + timeout if timeout else None
-        while self.proc.poll() is None:
-            self.poll_notices(0.1)
-            now = time.monotonic()
-            signum = interrupted() if interrupted else None
-            if signum:
-                self.stop()
-                raise ApplianceError(f"interrupted by signal {signum}",
-                                     status=st.from_signal(signum))
-            if self.ready_at is None and self.exit_code is None and (
-                    self.failure is None) and now > boot_deadline:
-                self.stop()
-                raise ApplianceError(
-                    f"{self.name}: not booted after {boot_timeout:g} s",
-                    status=st.BOOT_FAILED, hint="see the boot log (-v); "
-                    "raise --boot-timeout on a slow machine",
-                    details=self.log_tail())
-            if deadline and now > deadline:
-                self.stop()
-                raise ApplianceError(f"{self.name}: timeout after {timeout:g} s",
-                                     status=st.TIMEOUT)
-        self.poll_notices(0.0)
-        return self.result()
+        ``close()`` (the context manager) tears down on every exit path."""
+        return wait_all([self], boot_timeout=boot_timeout, timeout=timeout,
+                        interrupted=interrupted)
 
     def result(self):
         rc = self.proc.returncode
@@ -447,6 +423,45 @@ class Appliance:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None):
+    """Wait for ``apps[0]`` to exit and return its status; raise an
+    ApplianceError (naming the appliance) as soon as any appliance fails to
+    boot in time or exits first, on ``timeout``, or when ``interrupted()``
+    returns a signal number.  The caller tears the appliances down."""
+    t0 = min(a.started_at for a in apps)
+    socks = {a._sock: a for a in apps}
+    while True:
+        ready, _, _ = select.select(list(socks), [], [], 0.1)
+        for sock in ready:
+            socks[sock].poll_notices(0)
+        now = time.monotonic()
+        signum = interrupted() if interrupted else None
+        if signum:
+            raise ApplianceError(f"interrupted by signal {signum}",
+                                 status=st.from_signal(signum))
+        if timeout and now - t0 > timeout:
+            raise ApplianceError(f"timeout after {timeout:g} s",
+                                 status=st.TIMEOUT)
+        for app in apps:
+            if app.ready_at is None and app.exit_code is None and (
+                    app.failure is None and app.proc.poll() is None
+                    and now - t0 > boot_timeout):
+                raise ApplianceError(
+                    f"{app.name}: not booted after {boot_timeout:g} s",
+                    status=st.BOOT_FAILED, details=app.log_tail(),
+                    hint="see the boot log (-vv); raise --boot-timeout")
+        for i, app in enumerate(apps):
+            if app.proc.poll() is None:
+                continue
+            app.poll_notices(0)
+            code = app.result()  # raises with the appliance's name
+            if i == 0:
+                return code
+            raise ApplianceError(f"{app.name}: appliance exited (status "
+                                 f"{code}) while the job ran",
+                                 status=st.GUEST_CRASHED)
 
 
 def _kill_group(pgid):
