@@ -50,10 +50,10 @@ class LanPlan:
     def uml_args(self, index, transport=None):
         return (transport or McastTransport()).uml_args(self, index)
 
-    def guest_commands(self, index, device="eth0"):
-        r = self.ranks[index]
-        return [["ip", "addr", "add", f"{r.ip}/{self.prefix}", "dev", device],
-                ["ip", "link", "set", device, "up"]]
+    def guest_net(self, index, device="eth0"):
+        """The guest's interface on the LAN (configured by guest init)."""
+        return {"device": device,
+                "address": f"{self.ranks[index].ip}/{self.prefix}"}
 
     def hosts(self):
         return [[r.ip, r.hostname] for r in self.ranks]

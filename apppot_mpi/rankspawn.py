@@ -41,7 +41,7 @@ from apppot.config import (
     common_cli,
 )
 from apppot.errors import ConfigError
-from apppot.spec import ApplianceSpec, GuestSpec, parse_env_args
+from apppot.spec import ApplianceSpec, GuestSpec, parse_env_args, slirp_net
 from apppot.start import (
     ArgumentParser,
     Interrupts,
@@ -197,7 +197,7 @@ def plan_ranks(lan, flavour, launcher, *, uid, gid, user, group, jobdir,
             argv=[os.fsencode(a) for a in argv],
             env={**root_env, **env} if r.rank == 0 else dict(root_env),
             hostname=r.hostname,
-            net=[{"commands": lan.guest_commands(r.rank, transport.device)}],
+            net=[lan.guest_net(r.rank, transport.device)],
             hosts=lan.hosts(), hooks=["mpihook"],
             extra={"mpi": {"rank": r.rank, "size": len(lan.ranks), "ip": r.ip,
                            "peers": peers, "secret": secret,
@@ -385,12 +385,12 @@ def launch(args, plans, common, identity, environ, share_modules=None):
                 control = rundir / "control.tar"
                 channels = app.make_channels()
                 net_args, net_fds = p.net_args, ()
-                if share_modules:
+                if share_modules:  # a private link to the job dir server
                     fd = app.start_slirp(helper)
-                    net_args += (f"vec0:transport=fd,fd={fd},vec=0",)
+                    link_args, link = slirp_net(fd, default_route=False)
+                    net_args += link_args
                     net_fds = (fd,)
-                    p.guest.net = p.guest.net + [
-                        {"commands": share.slirp_commands()}]
+                    p.guest.net = p.guest.net + link
                     p.guest.extra["jobdir_fs"] = shared
                 write_control_disk(control, p.guest.to_json(), common.changes,
                                    files)

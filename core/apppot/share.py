@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .spec import SLIRP_HOST
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ MODULE_DIRS = ("/usr/lib/uml/modules",)
 # load order: dependencies first (9p.ko depends on 9pnet, fscache, netfs)
 MODULES = ("fs/netfs/netfs.ko", "fs/fscache/fscache.ko", "net/9p/9pnet.ko",
            "net/9p/9pnet_fd.ko", "fs/9p/9p.ko")
-HOST_ALIAS = "10.0.2.2"  # the host's loopback as seen through slirp
-GUEST_ADDR = "10.0.2.15/24"
 
 
 def module_paths(kernel):
@@ -59,15 +58,8 @@ class ShareSpec:
             "trans=tcp", f"port={self.port}", "version=9p2000.L", "cache=none",
             f"aname={self.jobdir}", "access=client", f"uname={self.user}",
             "msize=65560"])
-        return {"type": "9p", "server": HOST_ALIAS, "options": opts,
+        return {"type": "9p", "server": SLIRP_HOST, "options": opts,
                 "modules": list(self.modules)}
-
-
-def slirp_commands():
-    """Guest commands for the share's private link (no default route: MPI
-    and everything else stay on the job LAN)."""
-    return [["ip", "link", "set", "vec0", "up"],
-            ["ip", "addr", "add", GUEST_ADDR, "dev", "vec0"]]
 
 
 def free_port():

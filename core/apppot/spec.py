@@ -126,22 +126,21 @@ class GuestSpec:
         return json.dumps(data, sort_keys=True).encode()
 
 
-SLIRP_GUEST = [
-    ["ip", "link", "set", "vec0", "up"],
-    ["ip", "addr", "add", "10.0.2.15/24", "dev", "vec0"],
-    ["ip", "route", "add", "default", "via", "10.0.2.2"],
-]
+SLIRP_HOST = "10.0.2.2"  # the host's loopback as seen through libslirp
+SLIRP_GUEST = "10.0.2.15/24"
 
 
-def slirp_net(fd):
-    """UML args and guest commands for user-mode NAT through libslirp.
+def slirp_net(fd, *, default_route=True):
+    """UML args and the guest's interface for user-mode NAT via libslirp.
 
     The guest's ``vec0`` talks raw Ethernet over an inherited datagram
-    socket (fd) to ``libslirp-helper``; the host's loopback is 10.0.2.2.
+    socket (fd) to ``libslirp-helper``.  ``default_route=False`` gives a
+    private link to the host's loopback only (the MPI job dir share).
     """
-    return ((f"vec0:transport=fd,fd={fd},vec=0",),
-            [{"commands": SLIRP_GUEST,
-              "resolv": "nameserver 10.0.2.3\n"}])
+    link = {"device": "vec0", "address": SLIRP_GUEST}
+    if default_route:
+        link.update(gateway=SLIRP_HOST, resolv="nameserver 10.0.2.3\n")
+    return (f"vec0:transport=fd,fd={fd},vec=0",), [link]
 
 
 def parse_env_args(items, environ):
