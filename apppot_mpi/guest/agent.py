@@ -49,29 +49,22 @@ def sign(secret, nonce, payload):
 
 
 # ------------------------------------------------------------------ server
-def report_statuses(status_dir="/run/apppot/mpi/status"):
-    """Forward each rank's recorded exit status to the launcher (as root:
-    only root may write /proc/mconsole)."""
-    import time  # noqa: PLC0415
-
-    done = set()
-    while True:
-        try:
-            names = [n for n in os.listdir(status_dir) if n.isdigit()]
-        except OSError:
-            names = []
-        for name in names:
-            if name in done:
-                continue
+def report_statuses(fifo="/run/apppot/mpi/status"):
+    """Forward each rank's exit status ("RANK CODE" lines that rankwrap
+    writes into a FIFO) to the launcher; only root may write /proc/mconsole.
+    Opened read-write, so writers never block and there is never an EOF."""
+    fd = os.open(fifo, os.O_RDWR)
+    buf = b""
+    while chunk := os.read(fd, 4096):
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
             try:
-                with open(os.path.join(status_dir, name)) as f:
-                    code = int(f.read().strip() or 1)
+                rank, code = (int(x) for x in line.split())
                 with open("/proc/mconsole", "w") as f:
-                    f.write(f"apppot:rank {name} {code}")
+                    f.write(f"apppot:rank {rank} {code}")
             except (OSError, ValueError):
                 continue
-            done.add(name)
-        time.sleep(0.05)
 
 
 def serve(config):

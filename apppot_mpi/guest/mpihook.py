@@ -47,7 +47,7 @@ def wait_for_peers(peers, timeout, log):
 def run(spec, user, log):
     mpi = spec["mpi"]
     os.makedirs(MPI_DIR, mode=0o755, exist_ok=True)
-    os.makedirs(f"{MPI_DIR}/status", mode=0o755, exist_ok=True)
+    os.mkfifo(f"{MPI_DIR}/status", 0o600)  # rank statuses, see rankwrap
     os.chown(f"{MPI_DIR}/status", user["uid"], user["gid"])
     write(f"{MPI_DIR}/hostfile", mpi["hostfile"], 0o644)
     write(f"{MPI_DIR}/secret", mpi["secret"] + "\n", 0o400, user["uid"],

@@ -6,7 +6,7 @@
 rc=$?
 rank=${OMPI_COMM_WORLD_RANK:-${PMI_RANK:-${PMIX_RANK:-}}}
 if [ -n "$rank" ]; then
-    dir=/run/apppot/mpi/status
-    echo "$rc" > "$dir/.$rank" && mv "$dir/.$rank" "$dir/$rank"
+    # a FIFO the agent holds open: one short line is one atomic write
+    echo "$rank $rc" > /run/apppot/mpi/status
 fi
 exit $rc
