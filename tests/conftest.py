@@ -97,7 +97,7 @@ def _ours():
     found = {}
     for p in psutil.process_iter(["pid", "name", "cmdline", "create_time"]):
         cmd = p.info["cmdline"] or []
-        if p.info["name"] in ("linux.uml", "libslirp-helper") or (
+        if p.info["name"] in ("linux.uml", "libslirp-helper", "diod") or (
                 cmd[:1] and "linux.uml" in cmd[0]) or "apppot.watchdog" in cmd:
             found[p.info["pid"]] = (p.info["create_time"], " ".join(cmd)[:120])
     return found
