@@ -64,6 +64,12 @@ class BatchSystem:
     def allocation(self, environ):
         raise NotImplementedError
 
+    @staticmethod
+    def follower(environ):
+        """Why this process is one of several copies the batch system
+        started, of which only the first launches (None: we launch)."""
+        del environ
+
 
 def _need(environ, var, system):
     value = environ.get(var)
@@ -154,23 +160,37 @@ class Slurm(BatchSystem):
     def detect(environ):
         return bool(environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID"))
 
+    @staticmethod
+    def follower(environ):
+        """Under ``srun -n N apppot-mpirun``, every task runs us: task 0
+        launches the whole step, the others have nothing to do."""
+        procid = environ.get("SLURM_PROCID", "0")
+        if environ.get("SLURM_STEP_ID") is not None and procid != "0":
+            return f"Slurm task {procid} of step {environ['SLURM_STEP_ID']}"
+        return None
+
     def allocation(self, environ):
-        nodelist = environ.get("SLURM_JOB_NODELIST") or _need(
-            environ, "SLURM_NODELIST", "Slurm")
+        # Inside a step (srun), the step's nodes and tasks, not the job's.
+        step = "SLURM_STEP_NODELIST" in environ
+        nodelist = (environ.get("SLURM_STEP_NODELIST") if step else None) or \
+            environ.get("SLURM_JOB_NODELIST") or _need(
+                environ, "SLURM_NODELIST", "Slurm")
         hosts = expand_hostlist(nodelist)
-        tasks = environ.get("SLURM_TASKS_PER_NODE")
+        var = "SLURM_STEP_TASKS_PER_NODE" if step else "SLURM_TASKS_PER_NODE"
+        tasks = environ.get(var) or environ.get("SLURM_TASKS_PER_NODE")
         if tasks:
-            counts = expand_counts(tasks)
+            counts = expand_counts(tasks, var)
             if len(counts) < len(hosts):
                 raise ConfigError(
-                    f"SLURM_TASKS_PER_NODE {tasks!r} names {len(counts)} nodes "
-                    f"but SLURM_JOB_NODELIST has {len(hosts)}",
+                    f"{var} {tasks!r} names {len(counts)} nodes "
+                    f"but the node list has {len(hosts)}",
                     hint="check the job's Slurm variables")
             counts = counts[:len(hosts)]  # srun -w tolerates extra counts
         else:
             counts = [1] * len(hosts)
         pairs = list(zip(hosts, counts, strict=True))
-        ntasks = environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS")
+        ntasks = (environ.get("SLURM_STEP_NUM_TASKS") if step else None) or \
+            environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS")
         notes = ()
         if ntasks and _int(ntasks, "SLURM_NTASKS") < sum(counts):
             notes = (f"SLURM_NTASKS={ntasks}",)
@@ -303,6 +323,15 @@ def parse_hostlist(text):
 
 def local_allocation(nprocs=None, hostname="localhost"):
     return Allocation("local", ((hostname, nprocs or os.cpu_count() or 1),))
+
+
+def follower(environ=None):
+    """Are we a secondary copy (see ``BatchSystem.follower``)?"""
+    environ = os.environ if environ is None else environ
+    for cls in _REGISTRY.values():
+        if cls.detect(environ):
+            return cls.follower(environ)
+    return None
 
 
 def detect(environ=None, *, pe=None, hostfile=None, hosts=None, nprocs=None):

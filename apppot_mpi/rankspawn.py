@@ -274,6 +274,12 @@ def run(args, environ=None):
         raise ConfigError("no MPI program given",
                           hint="apppot-mpirun -n 4 python3 prog.py")
     prog = args.prog[1:] if args.prog[0] == "--" else args.prog
+    follower = None if (args.hostfile or args.hosts or args.pe) else \
+        batchenv.follower(environ)
+    if follower:
+        log.info("%s: task 0 runs the appliances for the whole step",
+                 follower)
+        return 0
     alloc = batchenv.detect(environ, pe=args.pe, hostfile=args.hostfile,
                             hosts=args.hosts, nprocs=args.n)
     check_single_node(alloc)

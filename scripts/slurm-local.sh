@@ -7,11 +7,19 @@
 #
 # State lives in $SLURM_LOCAL_DIR (default /var/tmp/apppot-slurm).  The node
 # declares 4 CPUs (oversubscribed on small machines) so 4-task jobs run.
+# Memory accounting: jobacct_gather/linux counts RSS, or PSS with
+# SLURM_LOCAL_ACCT=pss (JobAcctGatherParams=UsePss); 'up' is a no-op while
+# the daemons run, so 'down' first to switch.
 set -eu
 
 DIR="${SLURM_LOCAL_DIR:-/var/tmp/apppot-slurm}"
 CONF="$DIR/slurm.conf"
 HOST=$(hostname -s)
+ACCT="${SLURM_LOCAL_ACCT:-rss}"
+
+running() {  # running PIDFILE: is the daemon we started still there?
+    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
 
 up() {
     if [ "$(id -u)" != 0 ]; then
@@ -32,19 +40,32 @@ up() {
         chmod 400 /etc/munge/munge.key
     fi
     mkdir -p /run/munge && chown munge:munge /run/munge
-    if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && \
+            ! running "$DIR/munge/munged.pid"; then
         runuser -u munge -- /usr/sbin/munged --pid-file "$DIR/munge/munged.pid" \
             --log-file "$DIR/munge/munged.log"
     fi
+    case "$ACCT" in
+        rss) params= ;;
+        pss) params=JobAcctGatherParams=UsePss ;;
+        *) echo "slurm-local.sh: SLURM_LOCAL_ACCT must be rss or pss" >&2
+           exit 2 ;;
+    esac
+    if running "$DIR/slurmctld.pid" && running "$DIR/slurmd.pid"; then
+        echo "SLURM_CONF=$CONF"
+        return
+    fi
     cat > "$CONF" <<EOF
 ClusterName=apppot
-SlurmctldHost=$HOST
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+$params
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
@@ -56,7 +77,7 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-NodeName=$HOST CPUs=4 RealMemory=8000 State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=4 RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
     slurmctld -f "$CONF"

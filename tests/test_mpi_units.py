@@ -49,6 +49,22 @@ def test_slurm_allocation():
     assert alloc.slots == 7
 
 
+def test_slurm_step_variables_beat_the_jobs():
+    # srun -n 2 inside sbatch -N 2 -n 8 (values as Slurm 22.05 sets them)
+    env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NTASKS": "2",
+           "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "n1",
+           "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NUM_TASKS": "2",
+           "SLURM_PROCID": "0"}
+    assert batchenv.detect(env).hosts == (("n1", 2),)
+    assert batchenv.follower(env) is None
+    assert batchenv.follower({**env, "SLURM_PROCID": "1"}) == \
+        "Slurm task 1 of step 0"
+    batch = {k: v for k, v in env.items() if "STEP" not in k}
+    assert batchenv.follower({**batch, "SLURM_PROCID": "0"}) is None
+    assert batchenv.detect(batch).hosts == (("n1", 4), ("n2", 4))
+
+
 def test_slurm_extra_counts_tolerated_and_missing_counts_refused():
     env = {"SLURM_JOBID": "1", "SLURM_NODELIST": "odin001",
            "SLURM_TASKS_PER_NODE": "4(x30)"}

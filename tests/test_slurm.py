@@ -1,0 +1,125 @@
+"""apppot-mpirun under a real Slurm (scripts/slurm-local.sh): sbatch, srun,
+scancel.  The rank count and hosts come from Slurm's own variables (no -n).
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import tool
+
+from apppot.config import apppot_home
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.uml, pytest.mark.root]
+
+PROG = """\
+import sys, time
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+print(f"rank {c.rank} of {c.size} sum {c.allreduce(c.rank + 1)}", flush=True)
+if len(sys.argv) > 1 and sys.argv[1] == "hang":
+    if c.rank == 0:
+        open("started", "w").close()
+    time.sleep(600)
+sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 and c.rank == 1 else 0)
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running single-host Slurm; stopped again after this module."""
+    assert os.getuid() == 0, "the Slurm tests run as root (CI does)"
+    up = subprocess.run([REPO / "scripts/slurm-local.sh", "up"],
+                        capture_output=True, text=True, timeout=900,
+                        check=False)
+    assert up.returncode == 0, f"slurm-local.sh up failed:\n{up.stderr}"
+    conf = up.stdout.strip().splitlines()[-1].removeprefix("SLURM_CONF=")
+    env = dict(os.environ, SLURM_CONF=conf, APPPOT_HOME=str(apppot_home()))
+    for var in [v for v in env if v.startswith(("SLURM_", "PE_", "PBS_",
+                                                "LSB_")) and v != "SLURM_CONF"]:
+        del env[var]
+    yield env
+    subprocess.run([REPO / "scripts/slurm-local.sh", "down"], check=False,
+                   timeout=60)
+
+
+def job_script(jobdir, body):
+    path = jobdir / "job.sh"
+    path.write_text(f"#!/bin/sh\ncd {jobdir}\n{body}\n")
+    path.chmod(0o755)
+    (jobdir / "prog.py").write_text(PROG)
+    return path
+
+
+def rank_lines(text):
+    return sorted(line for line in text.splitlines() if line.startswith("rank"))
+
+
+def test_sbatch_takes_ranks_from_slurm(slurm, image, jobdir):
+    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} python3 prog.py")
+    r = subprocess.run(["sbatch", "--wait", "-n", "4", "-o", "out", "-e", "err",
+                        "-D", str(jobdir), str(script)], env=slurm, cwd=jobdir,
+                       capture_output=True, text=True, timeout=300, check=False)
+    err = (jobdir / "err").read_text()
+    assert r.returncode == 0, f"{r.stderr}\njob stderr:\n{err}"
+    assert rank_lines((jobdir / "out").read_text()) == [
+        f"rank {i} of 4 sum 10" for i in range(4)]
+    assert "slurm allocation" not in err  # quiet without -v
+
+
+def test_sbatch_exit_status(slurm, image, jobdir):
+    script = job_script(jobdir, f"{tool('apppot-mpirun')} python3 prog.py 6")
+    r = subprocess.run(["sbatch", "--wait", "-n", "2", "-o", "out", "-e", "err",
+                        "-D", str(jobdir), str(script)], env=slurm, cwd=jobdir,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 6, r.stderr + (jobdir / "err").read_text()
+
+
+def test_srun_one_launcher_per_step(slurm, image, jobdir):
+    (jobdir / "prog.py").write_text(PROG)
+    r = subprocess.run(["srun", "-n", "2", tool("apppot-mpirun"), "-v",
+                        "python3", "prog.py", "5"], env=slurm, cwd=jobdir,
+                       stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert rank_lines(r.stdout) == ["rank 0 of 2 sum 3", "rank 1 of 2 sum 3"]
+    assert r.returncode == 5, r.stderr  # srun: the highest task status
+    assert "slurm allocation: " in r.stderr and "; 2 ranks" in r.stderr
+    assert "task 0 runs the appliances" in r.stderr
+
+
+def _umls():
+    return {p.pid for p in psutil.process_iter(["name"])
+            if p.info["name"] == "linux.uml"
+            and p.status() != psutil.STATUS_ZOMBIE}
+
+
+def test_scancel_leaves_nothing(slurm, image, jobdir):
+    before = _umls()
+    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} python3 "
+                        "prog.py hang")
+    r = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", "out", "-e",
+                        "err", "-D", str(jobdir), str(script)], env=slurm,
+                       capture_output=True, text=True, timeout=60, check=True)
+    job = r.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 120
+    while not (jobdir / "started").exists():
+        assert time.monotonic() < deadline, (jobdir / "err").read_text()
+        time.sleep(0.2)
+    assert len(_umls() - before) >= 2  # both appliances are running
+    subprocess.run(["scancel", job], env=slurm, check=True, timeout=30)
+    deadline = time.monotonic() + 60
+    while _umls() - before or subprocess.run(
+            ["squeue", "-h", "-j", job], env=slurm, capture_output=True,
+            text=True, check=False).stdout.strip():
+        assert time.monotonic() < deadline, f"left: {_umls() - before}"
+        time.sleep(0.2)
+    # no_leftovers (conftest) also checks watchdogs, helpers and run dirs
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
