@@ -12,12 +12,15 @@ import ctypes
 import errno
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import secrets
+import select
 import socket
 import struct
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from apppot.errors import ConfigError
 
@@ -195,6 +198,58 @@ def enter_private_netns():
     return True
 
 
+class NetnsHolder:
+    """A private network namespace (only lo) kept alive by a holder process,
+    for helpers that must not share the host's loopback: with a multi-node
+    LAN the launcher stays in the cluster's namespace, but the job dir's 9P
+    server and the appliances' slirp links go in here, out of other local
+    users' reach.  ``enter()`` is a preexec_fn that joins it."""
+
+    def __init__(self, watchdog=None, rundir=None):
+        import subprocess  # noqa: PLC0415
+
+        self.user = os.getuid() != 0
+        argv = ["sleep", "infinity"]
+        log.debug("executing: %s (in a new network namespace)", " ".join(argv))
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_holder_setup)  # noqa: PLW1509 (unshare)
+        self.watchdog = watchdog
+        if watchdog:
+            watchdog.track(self.proc.pid, rundir or "/nonexistent", keep=True)
+        deadline = time.monotonic() + 5
+        mine = os.readlink("/proc/self/ns/net")
+        while os.readlink(f"/proc/{self.proc.pid}/ns/net") == mine:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise OSError("could not create a private network namespace")
+            time.sleep(0.01)
+
+    def enter(self):
+        libc = ctypes.CDLL(None, use_errno=True)
+        kinds = (("user", CLONE_NEWUSER),) if self.user else ()
+        for kind, flag in (*kinds, ("net", CLONE_NEWNET)):
+            fd = os.open(f"/proc/{self.proc.pid}/ns/{kind}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, flag) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {kind}")
+            finally:
+                os.close(fd)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.watchdog:
+            self.watchdog.untrack(self.proc.pid)
+
+
+def _holder_setup():
+    # in the holder child: a new net (and user) namespace with lo up
+    if not enter_private_netns():
+        os._exit(1)
+
+
 def _link_up(ifname):
     import fcntl  # noqa: PLC0415
 
@@ -223,3 +278,116 @@ def _add_route_to_lo(cidr):
     err = struct.unpack_from("i", reply, 16)[0]
     if err not in (0, -errno.EEXIST):
         raise OSError(-err, f"adding route {cidr} dev lo: {os.strerror(-err)}")
+
+
+# ------------------------------------------------- multi-node multicast probe
+PROBE_INTERVAL = 0.02
+
+
+@dataclass
+class ProbeState:
+    """One node's view of a probe among ``count`` nodes (pure logic).
+
+    Every node multicasts ``{"n": nonce, "k": me, "t": send time, "heard":
+    [...], "echo": {peer: [peer's send time, held]}}`` every 20 ms.  A node is
+    done when it heard every other node and every other node heard it; the
+    echoes give multicast round-trip times without synchronised clocks."""
+
+    nonce: str
+    me: int
+    count: int
+    heard_at: dict = field(default_factory=dict)  # peer -> first heard (s)
+    peers_heard: dict = field(default_factory=dict)  # peer -> nodes it heard
+    last: dict = field(default_factory=dict)  # peer -> (its t, our receive)
+    rtts: dict = field(default_factory=dict)  # peer -> [seconds]
+    sent: int = 0
+    received: int = 0
+
+    def message(self, now):
+        self.sent += 1
+        echo = {str(p): [t, now - got] for p, (t, got) in self.last.items()}
+        return json.dumps({"n": self.nonce, "k": self.me, "t": now,
+                           "heard": sorted(self.heard_at), "echo": echo}
+                          ).encode()
+
+    def receive(self, data, now, since=0.0):
+        try:
+            msg = json.loads(data)
+            peer = int(msg["k"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if msg.get("n") != self.nonce or peer == self.me or not (
+                0 <= peer < self.count):
+            return  # another job's probe, or our own looped back
+        self.received += 1
+        self.heard_at.setdefault(peer, now - since)
+        self.peers_heard[peer] = set(msg.get("heard", ()))
+        self.last[peer] = (msg["t"], now)
+        echo = msg.get("echo", {}).get(str(self.me))
+        if echo:
+            self.rtts.setdefault(peer, []).append(now - echo[0] - echo[1])
+
+    def done(self):
+        others = set(range(self.count)) - {self.me}
+        return set(self.heard_at) >= others and all(
+            self.me in self.peers_heard.get(p, ()) for p in others)
+
+    def report(self, elapsed):
+        return {"node": self.me, "heard": sorted(self.heard_at),
+                "heard_ms": {str(p): round(t * 1e3, 2)
+                             for p, t in self.heard_at.items()},
+                "rtt_ms": {str(p): round(sorted(v)[len(v) // 2] * 1e3, 3)
+                           for p, v in self.rtts.items()},
+                "sent": self.sent, "received": self.received,
+                "complete": self.done(), "elapsed_ms": round(elapsed * 1e3, 1)}
+
+
+def probe_port(port):
+    """The probe's port: next to the LAN's, so the appliances' UML never
+    sees probe datagrams as frames."""
+    return port + 1 if port < 65535 else port - 1
+
+
+def run_probe(group, port, nonce, me, count, *, ttl=1, timeout=5.0,
+              linger=0.2):
+    """Multicast probe among ``count`` nodes (run concurrently on each);
+    returns ``ProbeState.report``.  Keeps answering for ``linger`` s after
+    this node is done, so slower peers can finish too."""
+    state = ProbeState(nonce, me, count)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((group, port))  # only this group's datagrams
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                     socket.inet_aton(group) + bytes(4))  # any interface
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        t0 = time.monotonic()
+        end = t0 + timeout
+        done_at = None
+        next_send = t0
+        while True:
+            now = time.monotonic()
+            if now >= next_send:
+                s.sendto(state.message(now), (group, port))
+                next_send = now + PROBE_INTERVAL
+            if done_at is None and state.done():
+                done_at = now
+            if now >= end or (done_at is not None and now - done_at >= linger):
+                break
+            r, _, _ = select.select([s], [], [], max(0.0, min(
+                next_send, end) - now))
+            if r:
+                data = s.recv(65536)
+                state.receive(data, time.monotonic(), t0)
+        return state.report((done_at or time.monotonic()) - t0)
+
+
+def probe_failures(reports, names):
+    """Which node did not hear which, from every node's report (pure)."""
+    missing = []
+    for rep in reports:
+        me = rep["node"]
+        for peer in range(len(names)):
+            if peer != me and peer not in rep["heard"]:
+                missing.append(f"{names[me]} did not hear {names[peer]}")
+    return missing

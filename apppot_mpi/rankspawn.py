@@ -51,7 +51,7 @@ from apppot.start import (
 )
 from apppot.watchdog import Watchdog
 
-from . import batchenv, mcastnet
+from . import batchenv, mcastnet, remote, worker
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ def build_parser():
     parser.add_argument("--no-netns", action="store_true",
                         help="use the host network (TTL 0) even where a "
                         "private network namespace is possible")
+    parser.add_argument("--launcher", choices=remote.names(),
+                        help="how to start the worker on the other nodes "
+                        "of a multi-node allocation (default: the batch "
+                        "system's own: srun, qrsh, pbs_tmrsh, blaunch; else "
+                        "ssh)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan and the appliances' argv, start "
                         "nothing")
@@ -226,19 +231,6 @@ def choose_ranks(args, alloc):
     return n
 
 
-def check_single_node(alloc):
-    import socket  # noqa: PLC0415
-
-    me = {"localhost", socket.gethostname(), socket.getfqdn(),
-          socket.gethostname().split(".")[0]}
-    others = [h for h, _ in alloc.hosts if h not in me]
-    if others:
-        raise ConfigError(f"the {alloc.source} allocation spans other hosts "
-                          f"({', '.join(others)}); multi-node runs are not "
-                          "supported yet", hint="run on one node (-H "
-                          "localhost) or request a single-node allocation")
-
-
 # ---------------------------------------------------------------- running
 def lowest_failed(statuses):
     """Open MPI's rule on {rank: status}: the status of the lowest rank that
@@ -251,11 +243,11 @@ def lowest_failed(statuses):
     return 0
 
 
-def job_status(apps, launcher_status, settle=1.0):
+def job_status(apps, launcher_status, settle=1.0, nranks=None):
     """The job's status from the ranks' own reports (which can trail the
     launcher's exit by a poll interval), else the launcher's."""
     deadline = time.monotonic() + settle
-    nranks = len(apps)  # one rank per appliance
+    nranks = nranks or len(apps)  # one rank per appliance
     while time.monotonic() < deadline:
         statuses = {}
         for app in apps:
@@ -282,16 +274,19 @@ def run(args, environ=None):
         return 0
     alloc = batchenv.detect(environ, pe=args.pe, hostfile=args.hostfile,
                             hosts=args.hosts, nprocs=args.n)
-    check_single_node(alloc)
     nranks = choose_ranks(args, alloc)
     appliances = map_ranks(nranks)
-    common = prepare_common(args, environ, count=len(appliances),
+    placement = place(alloc.hosts, len(appliances))
+    multi = len(placement) > 1
+    common = prepare_common(args, environ, count=len(placement[0][1]),
                             boot_default=120.0)
     kern, jobdir = common.kernel, common.jobdir
     transport = mcastnet.TRANSPORTS["mcast"]()
     kern.require(transport.kernel_feature)
     flavour = image_flavour(common.image, args.mpi)
     share_modules = choose_jobdir_fs(args.jobdir_fs or "auto", kern)
+    starter = remote.choose(args.launcher, alloc.source, environ) \
+        if multi else None
     exports = parse_env_args(args.export, environ)
     output_dir = None
     if args.output_filename:
@@ -310,32 +305,69 @@ def run(args, environ=None):
         tag_output=args.tag_output, output_dir=output_dir, as_root=uid == 0)
     job_id = alloc.job_id or str(os.getpid())
     in_netns = False
-    if not (args.no_netns or args.dry_run):
+    if not (args.no_netns or args.dry_run or multi):
         in_netns = mcastnet.enter_private_netns()
+    # one node: TTL 0 keeps the LAN on this host; several: TTL 1 crosses
+    # the cluster network's switches but no router
     lan = mcastnet.plan_lan(mcastnet.job_key(job_id, user), len(appliances),
                             subnet=args.subnet or mcastnet.DEFAULT_SUBNET,
-                            ttl=0)
+                            ttl=1 if multi else 0)
     secret = secrets.token_hex(32)
     plans = plan_ranks(lan, flavour, launcher, uid=uid, gid=gid, user=user,
                        group=group, jobdir=jobdir, secret=secret,
                        env=exports, boot_timeout=common.boot_timeout,
                        transport=transport, slots=len(appliances[0]))
+    settings = NodeSettings(
+        kernel=str(kern.path), image=str(common.image), mem=common.mem,
+        changes=str(common.changes) if common.changes else None,
+        jobdir=str(jobdir), uid=uid, gid=gid, user=user,
+        keep=bool(args.keep), verbose=args.verbose,
+        log_dir=str(Path(args.log_dir).absolute()) if args.log_dir else None,
+        boot_timeout=common.boot_timeout,
+        jobdir_fs="9p" if share_modules else "hostfs", private_share=multi)
     log.info("%s allocation: %s; %d ranks, %s image %s", alloc.source,
              ", ".join(f"{h}:{s}" for h, s in alloc.hosts), nranks, flavour,
              common.image)
+    if multi:
+        log.info("nodes: %s (remote start: %s)", "; ".join(
+            f"{h}: appliances {','.join(map(str, ix))}" for h, ix in placement),
+            starter.name)
     log.info("%s", lan.describe())
     log.info("host file:\n%s", lan.hostfile(flavour).rstrip())
     log.info("rank 0 runs: %s", shlex.join(launcher))
+    cluster = worker.Cluster(placement, plans, settings, starter, lan,
+                             environ) if multi else None
     if args.dry_run:
         for p in plans:
             print(f"rank {p.index}: {shlex.join(p.net_args)}")
+        if cluster:
+            for host, argv in cluster.commands():
+                print(f"node {host}: {shlex.join(argv)}")
         print(f"rank 0 runs: {shlex.join(launcher)}")
         print(lan.describe())
         return 0
     source, iface = mcastnet.multicast_route(lan.group, lan.port)
     log.info("LAN carried by %s (%s)%s", iface, source,
              " in a private network namespace" if in_netns else "")
-    return launch(args, plans, common, identity, environ, share_modules)
+    return launch(plans, common, settings, environ, share_modules, cluster)
+
+
+def place(hosts, count):
+    """Appliance indexes per host, filling each host's slots in allocation
+    order (Open MPI's --map-by slot); beyond the slots (oversubscribed), one
+    more per host in turn.  Hosts that get none are left out."""
+    out = [(h, []) for h, _ in hosts]
+    i = 0
+    for (_, slots), (_, got) in zip(hosts, out, strict=True):
+        take = min(slots, count - i)
+        got.extend(range(i, i + take))
+        i += take
+    while i < count:
+        for _, got in out:
+            if i < count:
+                got.append(i)
+                i += 1
+    return [(h, ix) for h, ix in out if ix]
 
 
 def choose_jobdir_fs(mode, kern):
@@ -359,73 +391,142 @@ def choose_jobdir_fs(mode, kern):
     return None
 
 
-def launch(args, plans, common, identity, environ, share_modules=None):
-    """Start the appliances, supervise them, always tear them all down."""
-    env = uml_env(environ)
-    jobdir = common.jobdir
-    log_dir = Path(args.log_dir).absolute() if args.log_dir else None
-    if log_dir:
-        log_dir.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class NodeSettings:
+    """What every node needs to start its share of the appliances (plain
+    data: the head sends it to the other nodes' workers as JSON)."""
+
+    kernel: str
+    image: str
+    mem: int
+    changes: str | None
+    jobdir: str
+    uid: int
+    gid: int
+    user: str
+    keep: bool = False
+    verbose: int = 0
+    log_dir: str | None = None
+    boot_timeout: float = 120.0
+    jobdir_fs: str = "auto"
+    private_share: bool = False  # 9P server + slirp in a private netns
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+class NodeRun:
+    """This node's appliances and its job-dir server; ``close`` tears down
+    whatever was started, on every path."""
+
+    def __init__(self, settings, kern, dog, env, share_modules):
+        self.s = settings
+        self.kern = kern
+        self.dog = dog
+        self.env = env
+        self.share_modules = share_modules
+        self.apps = []
+        self.server = None
+        self.holder = None
+        self.rundir = make_rundir(prefix="apppot-job-")
+
+    def start(self, plans, *, stdin_fd=None):
+        s = self.s
+        log_dir = Path(s.log_dir) if s.log_dir else None
+        if log_dir:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        files, helper, preexec = (), shutil.which("libslirp-helper"), None
+        if self.share_modules:
+            if s.private_share:
+                self.holder = mcastnet.NetnsHolder(self.dog, self.rundir)
+                preexec = self.holder.enter
+            self.server = share.NinePServer(s.jobdir, s.uid,
+                                            self.rundir / "diod.log")
+            port = self.server.start(self.dog, preexec)
+            files = [(f"modules/{m.name}", m) for m in self.share_modules]
+            shared = share.ShareSpec(s.jobdir, port, tuple(
+                m.name for m in self.share_modules), s.uid, s.gid,
+                s.user).guest()
+            log.info("job dir shared over 9P (diod on port %d%s)", port,
+                     ", private namespace" if s.private_share else "")
+        for p in plans:
+            rundir = make_rundir(prefix=f"apppot-r{p.index}-")
+            app = Appliance(rundir, name=f"rank {p.index}", keep=s.keep,
+                            verbose=s.verbose >= 2 and p.index == 0,
+                            log_path=log_dir / f"rank{p.index}.log"
+                            if log_dir else None, watchdog=self.dog)
+            self.apps.append(app)
+            control = rundir / "control.tar"
+            channels = app.make_channels()
+            net_args, net_fds = p.net_args, ()
+            if self.share_modules:  # a private link to the job dir server
+                fd = app.start_slirp(helper, preexec)
+                link_args, link = slirp_net(fd, default_route=False)
+                net_args += link_args
+                net_fds = (fd,)
+                p.guest.net = p.guest.net + link
+                p.guest.extra["jobdir_fs"] = shared
+            write_control_disk(control, p.guest.to_json(),
+                               Path(s.changes) if s.changes else None, files)
+            spec = ApplianceSpec(
+                kernel=s.kernel, umid=f"r{p.index}", uml_dir=rundir,
+                mem_bytes=s.mem, image=Path(s.image), cow=rundir / "root.cow",
+                control=control, notify=rundir / "notify", channels=channels,
+                hostfs=Path(s.jobdir), net_args=net_args, net_fds=net_fds,
+                quiet=s.verbose < 2)
+            if p.index == 0:
+                app.start(spec, self.env, stdin_fd=stdin_fd)
+            else:
+                app.start(spec, self.env, stdout_fd=_discard,
+                          stderr_fd=_discard)
+        return self.apps
+
+    def kill_now(self):
+        for app in self.apps:
+            app.kill_now()
+
+    def close(self):
+        for app in self.apps:
+            app.kill_now()
+        for app in self.apps:
+            app.close()
+        if self.server:
+            self.server.stop(self.dog)
+        if self.holder:
+            self.holder.close()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def launch(plans, common, settings, environ, share_modules=None,
+           cluster=None):
+    """Start the appliances (here, and through ``cluster`` on the other
+    nodes), supervise them, always tear them all down."""
     t0 = time.monotonic()
-    apps = []
-    server = None
-    jobrun = make_rundir(prefix="apppot-job-")
     with Watchdog() as dog, Interrupts() as interrupted:
+        node = NodeRun(settings, common.kernel, dog, uml_env(environ),
+                       share_modules)
+        remotes = []
         try:
-            files, helper = (), shutil.which("libslirp-helper")
-            if share_modules:
-                uid, gid, user, _ = identity
-                server = share.NinePServer(jobdir, uid, jobrun / "diod.log")
-                port = server.start(dog)
-                files = [(f"modules/{m.name}", m) for m in share_modules]
-                shared = share.ShareSpec(str(jobdir), port, tuple(
-                    m.name for m in share_modules), uid, gid, user).guest()
-                log.info("job dir shared over 9P (diod on port %d)", port)
-            for p in plans:
-                rundir = make_rundir(prefix=f"apppot-r{p.index}-")
-                app = Appliance(rundir, name=f"rank {p.index}", keep=bool(
-                    args.keep), verbose=args.verbose >= 2 and p.index == 0,
-                    log_path=log_dir / f"rank{p.index}.log" if log_dir else None,
-                    watchdog=dog)
-                apps.append(app)
-                control = rundir / "control.tar"
-                channels = app.make_channels()
-                net_args, net_fds = p.net_args, ()
-                if share_modules:  # a private link to the job dir server
-                    fd = app.start_slirp(helper)
-                    link_args, link = slirp_net(fd, default_route=False)
-                    net_args += link_args
-                    net_fds = (fd,)
-                    p.guest.net = p.guest.net + link
-                    p.guest.extra["jobdir_fs"] = shared
-                write_control_disk(control, p.guest.to_json(), common.changes,
-                                   files)
-                spec = ApplianceSpec(
-                    kernel=common.kernel.path, umid=f"r{p.index}",
-                    uml_dir=rundir, mem_bytes=common.mem, image=common.image,
-                    cow=rundir / "root.cow",
-                    control=control, notify=rundir / "notify",
-                    channels=channels, hostfs=jobdir, net_args=net_args,
-                    net_fds=net_fds, quiet=args.verbose < 2)
-                if p.index == 0:
-                    app.start(spec, env, stdin_fd=0)
-                else:
-                    app.start(spec, env, stdout_fd=_discard, stderr_fd=_discard)
-            code = job_status(apps, wait_all(
-                apps, boot_timeout=common.boot_timeout, timeout=common.timeout,
-                interrupted=interrupted))
+            local = plans
+            if cluster:
+                remotes = cluster.start(interrupted)
+                local = [p for p in plans if p.index in cluster.local]
+            node.start(local, stdin_fd=0)
+            code = job_status(node.apps + remotes, wait_all(
+                node.apps + remotes, boot_timeout=common.boot_timeout,
+                timeout=common.timeout, interrupted=interrupted),
+                nranks=len(plans))
             t_end = time.monotonic()
-            report(apps, t0, t_end)
+            report(node.apps + remotes, t0, t_end)
             return code
         finally:
             t_down = time.monotonic()
-            for app in apps:
-                app.kill_now()
-            for app in apps:
-                app.close()
-            if server:
-                server.stop(dog)
-            shutil.rmtree(jobrun, ignore_errors=True)
+            node.kill_now()
+            for r in remotes:
+                r.stop()
+            node.close()
+            for r in remotes:
+                r.close()
             log.info("teardown %.2f s", time.monotonic() - t_down)
 
 

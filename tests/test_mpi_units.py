@@ -247,10 +247,85 @@ def test_too_many_ranks_needs_oversubscribe():
     assert rankspawn.choose_ranks(Args, alloc) == 3
 
 
-def test_multi_node_refused_for_now():
-    with pytest.raises(ConfigError, match="multi-node"):
-        rankspawn.check_single_node(batchenv.Allocation(
-            "slurm", (("localhost", 1), ("elsewhere-node", 1))))
+@pytest.mark.parametrize("hosts,count,want", [
+    ((("a", 2), ("b", 2)), 4, [("a", [0, 1]), ("b", [2, 3])]),
+    ((("a", 2), ("b", 2)), 2, [("a", [0, 1])]),  # fits on the first node
+    ((("a", 1), ("b", 3)), 3, [("a", [0]), ("b", [1, 2])]),
+    ((("a", 1), ("b", 1)), 5, [("a", [0, 2, 4]), ("b", [1, 3])]),
+])
+def test_place_fills_slots_in_allocation_order(hosts, count, want):
+    assert rankspawn.place(hosts, count) == want
+
+
+def test_remote_start_argv_is_data():
+    from apppot_mpi import remote
+
+    cmd = ["/venv/bin/python", "-m", "apppot_mpi.worker"]
+    env = {"PATH": "/nonexistent", "APPPOT_NETNS_PREFIX": "t1-"}
+    srun = remote.Srun(env).argv("node7", cmd)
+    assert srun[0] == "srun" and srun[-3:] == cmd
+    assert "--nodelist=node7" in srun and "--overlap" in srun
+    assert "--ntasks=1" in srun and "--kill-on-bad-exit=1" in srun
+    assert remote.Qrsh({**env, "SGE_ROOT": "/nonexistent"}).argv(
+        "n1", cmd) == ["qrsh", "-inherit", "-V", "n1", *cmd]
+    assert remote.Blaunch(env).argv("n1", cmd) == ["blaunch", "-no-shell",
+                                                   "n1", *cmd]
+    assert remote.PbsTmrsh(env).argv("n1", cmd) == ["pbs_tmrsh", "n1", *cmd]
+    ssh = remote.Ssh(env).argv("n1", ["p y", "-m", "x"])
+    assert ssh[-2:] == ["n1", "'p y' -m x"]  # one shell line, quoted
+    assert remote.Netns(env).argv("node0", cmd) == [
+        "ip", "netns", "exec", "t1-node0", *cmd]
+
+
+def test_remote_start_follows_the_batch_system():
+    from apppot_mpi import remote
+
+    env = {"PATH": os.environ["PATH"]}
+    assert remote.choose("netns", "sge", env).name == "netns"  # ip exists
+    with pytest.raises(ConfigError, match="'ssh': ssh not found"):
+        remote.choose(None, "hostfile", {"PATH": "/nonexistent"})
+    with pytest.raises(ConfigError, match="unknown remote start"):
+        remote.choose("rsh", "slurm", env)
+    with pytest.raises(ConfigError, match="srun not found"):
+        remote.choose(None, "slurm", {"PATH": "/nonexistent"})
+
+
+def test_probe_state_needs_a_full_mesh():
+    from apppot_mpi.mcastnet import ProbeState, probe_failures
+
+    a, b, c = (ProbeState("n1", k, 3) for k in range(3))
+    other_job = ProbeState("n2", 1, 3)
+    a.receive(other_job.message(0.0), 0.0)
+    assert a.received == 0  # another job's nonce is ignored
+    a.receive(a.message(0.0), 0.0)
+    assert a.received == 0  # so is our own looped-back datagram
+    for t in (1.0, 2.0):
+        ma, mb = a.message(t), b.message(t)
+        for x, m in ((b, ma), (a, mb)):
+            x.receive(m, t + 0.001)
+    assert not a.done()  # c is silent
+    assert a.rtts[1] and abs(a.rtts[1][0] - 0.002) < 1e-9  # 2 × 1 ms
+    reps = [s.report(1.0) for s in (a, b, c)]
+    assert probe_failures(reps, ["x", "y", "z"]) == [
+        "x did not hear z", "y did not hear z", "z did not hear x",
+        "z did not hear y"]
+    for t in (3.0, 4.0):
+        msgs = [s.message(t) for s in (a, b, c)]
+        for s in (a, b, c):
+            for m in msgs:
+                s.receive(m, t)
+    assert a.done() and b.done() and c.done()
+    assert probe_failures([s.report(1.0) for s in (a, b, c)], "xyz") == []
+
+
+def test_guest_spec_survives_the_wire():
+    from apppot.spec import GuestSpec
+
+    g = GuestSpec(uid=5, gid=6, user="u", group="g", jobdir="/j",
+                  argv=[b"a b", b"\xff", b""], env={b"K": b"\n"},
+                  hostname="r1", net=[{"device": "eth0"}], hosts=[["1", "r"]],
+                  hooks=["mpihook"], extra={"mpi": {"rank": 1}})
+    assert GuestSpec.from_json(g.to_json()) == g
 
 
 def test_agent_signature_depends_on_secret_nonce_and_request():

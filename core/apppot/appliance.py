@@ -226,9 +226,10 @@ class Appliance:
         return Channels(console=self._console_w, stdout=out_w, stderr=err_w,
                         stdin=in_r)
 
-    def start_slirp(self, helper):
+    def start_slirp(self, helper, preexec=None):
         """User-mode NAT: libslirp-helper on one end of a datagram socket
-        pair, the other end (returned) for UML's vector ``fd`` transport."""
+        pair, the other end (returned) for UML's vector ``fd`` transport.
+        ``preexec`` can move the helper into another network namespace."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         argv = [helper, "--fd", str(ours.fileno()), "--exit-with-parent",
                 "--disable-ipv6"]
@@ -236,7 +237,7 @@ class Appliance:
         self.helper = subprocess.Popen(
             argv, pass_fds=(ours.fileno(),), stdin=subprocess.DEVNULL,
             stdout=self._console_w, stderr=self._console_w,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=preexec)  # noqa: PLW1509
         if self.watchdog:
             self.watchdog.track(self.helper.pid, self.rundir, keep=True)
         ours.close()
@@ -418,6 +419,10 @@ class Appliance:
         if not self.keep:
             shutil.rmtree(self.rundir, ignore_errors=True)
 
+    def fileno(self):
+        """The guest notice socket (for select)."""
+        return self._sock.fileno()
+
     def __enter__(self):
         return self
 
@@ -429,13 +434,16 @@ def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None):
     """Wait for ``apps[0]`` to exit and return its status; raise an
     ApplianceError (naming the appliance) as soon as any appliance fails to
     boot in time or exits first, on ``timeout``, or when ``interrupted()``
-    returns a signal number.  The caller tears the appliances down."""
+    returns a signal number.  The caller tears the appliances down.
+
+    Anything with the same surface (fileno, poll_notices, proc, started_at,
+    ready_at, exit_code, failure, result, log_tail, name) can stand in for
+    an appliance: apppot-mpirun's handle on another node's worker does."""
     t0 = min(a.started_at for a in apps)
-    socks = {a._sock: a for a in apps}
     while True:
-        ready, _, _ = select.select(list(socks), [], [], 0.1)
-        for sock in ready:
-            socks[sock].poll_notices(0)
+        ready, _, _ = select.select(apps, [], [], 0.1)
+        for app in ready:
+            app.poll_notices(0)
         now = time.monotonic()
         signum = interrupted() if interrupted else None
         if signum:

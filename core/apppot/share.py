@@ -82,7 +82,7 @@ class NinePServer:
     def available():
         return shutil.which("diod")
 
-    def start(self, watchdog=None):
+    def start(self, watchdog=None, preexec=None):
         diod = self.available()
         if not diod:
             raise ConfigError("--jobdir-fs 9p: diod is not installed",
@@ -97,7 +97,8 @@ class NinePServer:
                 str(self.logfile)]
         log.debug("executing: %s", shlex.join(argv))
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=preexec)  # noqa: PLW1509
         if watchdog:
             watchdog.track(self.proc.pid, Path(self.logfile).parent)
         self._wait_listening()
@@ -111,13 +112,22 @@ class NinePServer:
             if self.proc.poll() is not None:
                 raise ConfigError(f"diod exited with status {self.proc.returncode}",
                                   hint=f"see {self.logfile}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+            if self._listening():
                 return
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         raise ConfigError("diod did not start listening",
                           hint=f"see {self.logfile}")
+
+    def _listening(self):
+        """Is diod's port open?  (/proc/PID/net/tcp: works from outside the
+        network namespace diod may run in.)"""
+        try:
+            with open(f"/proc/{self.proc.pid}/net/tcp") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            return False
+        want = f"0100007F:{self.port:04X}"
+        return any(r.split()[1] == want and r.split()[3] == "0A" for r in rows)
 
     def stop(self, watchdog=None):
         if self.proc is None:

@@ -5,7 +5,7 @@ be checked in unit tests and printed with ``-v``.
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 GUEST_INIT = "/usr/lib/apppot/init.py"
@@ -124,6 +124,21 @@ class GuestSpec:
             **self.extra,
         }
         return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, text):
+        """The inverse of ``to_json`` (apppot-mpirun's workers get their
+        appliances' specs this way)."""
+        data = json.loads(text)
+        data.pop("version", None)
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: data.pop(k) for k in list(data) if k in names}
+        kw["argv"] = [bytes.fromhex(a) for a in kw.get("argv", ())]
+        kw["env"] = {bytes.fromhex(k): bytes.fromhex(v)
+                     for k, v in kw.get("env", {}).items()}
+        if kw.get("winsize"):
+            kw["winsize"] = tuple(kw["winsize"])
+        return cls(**kw, extra=data)
 
 
 SLIRP_HOST = "10.0.2.2"  # the host's loopback as seen through libslirp
