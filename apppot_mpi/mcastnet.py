@@ -302,6 +302,7 @@ class ProbeState:
     rtts: dict = field(default_factory=dict)  # peer -> [seconds]
     sent: int = 0
     received: int = 0
+    send_error: str = ""
 
     def message(self, now):
         self.sent += 1
@@ -339,7 +340,8 @@ class ProbeState:
                 "rtt_ms": {str(p): round(sorted(v)[len(v) // 2] * 1e3, 3)
                            for p, v in self.rtts.items()},
                 "sent": self.sent, "received": self.received,
-                "complete": self.done(), "elapsed_ms": round(elapsed * 1e3, 1)}
+                "complete": self.done(), "elapsed_ms": round(elapsed * 1e3, 1),
+                "send_error": self.send_error}
 
 
 def probe_port(port):
@@ -368,7 +370,10 @@ def run_probe(group, port, nonce, me, count, *, ttl=1, timeout=5.0,
         while True:
             now = time.monotonic()
             if now >= next_send:
-                s.sendto(state.message(now), (group, port))
+                try:
+                    s.sendto(state.message(now), (group, port))
+                except OSError as e:  # no route: keep listening, report it
+                    state.send_error = e.strerror or str(e)
                 next_send = now + PROBE_INTERVAL
             if done_at is None and state.done():
                 done_at = now
@@ -384,7 +389,8 @@ def run_probe(group, port, nonce, me, count, *, ttl=1, timeout=5.0,
 
 def probe_failures(reports, names):
     """Which node did not hear which, from every node's report (pure)."""
-    missing = []
+    missing = [f"{names[r['node']]} cannot send to the group: "
+               f"{r['send_error']}" for r in reports if r.get("send_error")]
     for rep in reports:
         me = rep["node"]
         for peer in range(len(names)):

@@ -68,6 +68,11 @@ MPI_OPTIONS = tuple(
     Option("subnet", ("--subnet",),
            f"IPv4 network of the job's LAN (default: {mcastnet.DEFAULT_SUBNET})"),
     Option("log_dir", ("--log-dir",), "write each rank's boot log here"),
+    Option("launcher", ("--launcher",),
+           "how to start the worker on the other nodes of a multi-node "
+           "allocation (default: the batch system's own: srun, qrsh, "
+           "pbs_tmrsh, blaunch; else ssh; netns: simulated nodes)",
+           kwargs=(("choices", tuple(remote.names())),)),
     Option("jobdir_fs", ("--jobdir-fs",),
            "how appliances share the job dir: 9p (coherent: one diod "
            "server on the host), hostfs (fast, but appliances writing one "
@@ -102,11 +107,6 @@ def build_parser():
     parser.add_argument("--no-netns", action="store_true",
                         help="use the host network (TTL 0) even where a "
                         "private network namespace is possible")
-    parser.add_argument("--launcher", choices=remote.names(),
-                        help="how to start the worker on the other nodes "
-                        "of a multi-node allocation (default: the batch "
-                        "system's own: srun, qrsh, pbs_tmrsh, blaunch; else "
-                        "ssh)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan and the appliances' argv, start "
                         "nothing")

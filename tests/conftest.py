@@ -93,12 +93,13 @@ def nobody():
 
 
 def _ours():
-    """UML kernels and watchdogs now running."""
+    """UML kernels, helpers, watchdogs, workers, netns holders running."""
     found = {}
     for p in psutil.process_iter(["pid", "name", "cmdline", "create_time"]):
         cmd = p.info["cmdline"] or []
         if p.info["name"] in ("linux.uml", "libslirp-helper", "diod") or (
-                cmd[:1] and "linux.uml" in cmd[0]) or "apppot.watchdog" in cmd:
+                cmd[:1] and "linux.uml" in cmd[0]) or "apppot.watchdog" in cmd \
+                or "apppot_mpi.worker" in cmd or cmd == ["sleep", "infinity"]:
             found[p.info["pid"]] = (p.info["create_time"], " ".join(cmd)[:120])
     return found
 

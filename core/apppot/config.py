@@ -104,7 +104,7 @@ def apply_env(args, options, environ=None):
 
 
 KNOWN_ENV = {"APPPOT_HOME", "APPPOT_DEBUG", "APPPOT_XSTATE_SHIM",
-             "APPPOT_TEST_SCOPE"}
+             "APPPOT_TEST_SCOPE", "APPPOT_NETNS_PREFIX"}
 
 
 def warn_unknown_env(options, environ=None):

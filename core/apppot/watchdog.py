@@ -60,19 +60,23 @@ class Watchdog:
         self.close()
 
 
-def kill_group(pgid):
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def kill_groups(pgids, wait=5.0):
+    """SIGKILL every group at once (throw-away appliances: nothing to save,
+    and one at a time would add up), then wait for them to go."""
+    for pgid in pgids:
         try:
-            os.killpg(pgid, sig)
+            os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
-            return
-        end = time.monotonic() + (1.0 if sig == signal.SIGTERM else 5.0)
-        while time.monotonic() < end:
+            pass
+    end = time.monotonic() + wait
+    alive = set(pgids)
+    while alive and time.monotonic() < end:
+        for pgid in list(alive):
             try:
                 os.killpg(pgid, 0)
             except ProcessLookupError:
-                return
-            time.sleep(0.05)
+                alive.discard(pgid)
+        time.sleep(0.02)
 
 
 def main():
@@ -86,8 +90,8 @@ def main():
             tracked[int(pgid)] = (rundir, keep == "1")
         elif word == "untrack":
             tracked.pop(int(rest), None)
-    for pgid, (rundir, keep) in tracked.items():  # the launcher died
-        kill_group(pgid)
+    kill_groups(list(tracked))  # the launcher died
+    for rundir, keep in tracked.values():
         if not keep:
             shutil.rmtree(rundir, ignore_errors=True)
     return 0

@@ -1,0 +1,160 @@
+"""Multi-node jobs on a simulated cluster: network namespaces joined by a
+bridge (in a namespace of its own: nothing touches the host's interfaces),
+a batch allocation naming them, and the ``netns`` remote start.
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from conftest import tool
+
+pytestmark = [pytest.mark.uml, pytest.mark.root]
+
+PROG = """\
+import socket, sys, time
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+total = c.allreduce(c.rank + 1)
+print(f"rank {c.rank} of {c.size} on {socket.gethostname()} sum {total}",
+      flush=True)
+if sys.argv[1:] == ["hang"]:
+    if c.rank == 0:
+        open("started", "w").close()
+    time.sleep(600)
+"""
+
+
+def ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def cluster():
+    """Two nodes (node0, node1) on one switch; yields the netns prefix."""
+    assert os.getuid() == 0, "simulated nodes need root (ip netns)"
+    prefix = f"apppot-t{os.getpid()}-"
+    switch = prefix + "switch"
+    made = []
+    try:
+        ip("netns", "add", switch)
+        made.append(switch)
+        ip("-n", switch, "link", "add", "br0", "type", "bridge",
+           "mcast_snooping", "0")
+        ip("-n", switch, "link", "set", "br0", "up")
+        for k in range(2):
+            ns = f"{prefix}node{k}"
+            ip("netns", "add", ns)
+            made.append(ns)
+            ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name",
+               f"port{k}", "netns", switch)
+            ip("-n", ns, "addr", "add", f"192.168.77.{k + 1}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
+            ip("-n", switch, "link", "set", f"port{k}", "master", "br0", "up")
+        yield prefix
+    finally:
+        for ns in reversed(made):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def sge_env(jobdir, prefix, slots=2):
+    pe = jobdir / "pe_hostfile"
+    pe.write_text("".join(f"node{k} {slots} all.q@node{k} UNDEFINED\n"
+                          for k in range(2)))
+    return {"PE_HOSTFILE": str(pe), "JOB_ID": "4242",
+            "APPPOT_NETNS_PREFIX": prefix}
+
+
+def slurm_env(prefix):
+    return {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[0-1]",
+            "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NTASKS": "4",
+            "APPPOT_NETNS_PREFIX": prefix}
+
+
+def mpirun(prefix, node, args, *, env, cwd, **kw):
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "PE_", "PBS_", "LSB_", "JOB_ID"))}
+    full.update(env)
+    argv = ["ip", "netns", "exec", f"{prefix}{node}", tool("apppot-mpirun"),
+            "--launcher", "netns", *args]
+    return subprocess.Popen(argv, env=full, cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def ranks(out):
+    return sorted(line for line in out.splitlines() if line.startswith("rank"))
+
+
+@pytest.mark.parametrize("batch", ["sge", "slurm"])
+def test_four_ranks_split_over_two_nodes(cluster, image, jobdir, batch):
+    (jobdir / "prog.py").write_text(PROG)
+    env = sge_env(jobdir, cluster) if batch == "sge" else slurm_env(cluster)
+    t0 = time.monotonic()
+    p = mpirun(cluster, "node0", ["-v", "python3", "prog.py"], env=env,
+               cwd=jobdir)
+    out, err = p.communicate(timeout=300)
+    wall = time.monotonic() - t0
+    assert p.returncode == 0, err
+    assert ranks(out) == [f"rank {i} of 4 on r{i} sum 10" for i in range(4)]
+    assert "nodes: node0: appliances 0,1; node1: appliances 2,3" in err
+    assert "multicast probe: all 2 nodes hear each other" in err
+    assert "ttl 1" in err
+    print(f"multi-node 4-rank job ({batch}): {wall:.2f} s wall")
+    print([line for line in err.splitlines() if "probe" in line
+           or "timings" in line])
+
+
+def test_probe_fails_when_multicast_is_not_forwarded(cluster, image, jobdir):
+    # the switch stops flooding multicast to node1's port (as a switch with
+    # IGMP snooping and no querier does): node1 hears nobody
+    subprocess.run(["bridge", "-n", f"{cluster}switch", "link", "set", "dev",
+                    "port1", "mcast_flood", "off"], check=True)
+    (jobdir / "prog.py").write_text(PROG)
+    env = sge_env(jobdir, cluster)
+    before = set(os.listdir(jobdir))
+    t0 = time.monotonic()
+    p = mpirun(cluster, "node0", ["python3", "prog.py"], env=env, cwd=jobdir)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 125, err
+    assert "multicast does not reach between the nodes" in err
+    assert "node1 did not hear node0" in err and "hint:" in err
+    assert "node0 did not hear node1" not in err  # the other way works
+    assert time.monotonic() - t0 < 30
+    assert set(os.listdir(jobdir)) == before  # nothing booted, nothing lost
+
+
+def _worker_of(head):
+    for child in psutil.Process(head).children(recursive=True):
+        if "apppot_mpi.worker" in " ".join(child.cmdline()):
+            return child
+    return None
+
+
+def test_killing_a_nodes_worker_ends_the_job(cluster, image, jobdir):
+    (jobdir / "prog.py").write_text(PROG)
+    p = mpirun(cluster, "node0", ["-v", "python3", "prog.py", "hang"],
+               env=sge_env(jobdir, cluster), cwd=jobdir)
+    deadline = time.monotonic() + 120
+    while not (jobdir / "started").exists():
+        assert p.poll() is None, p.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    worker = _worker_of(p.pid)
+    assert worker is not None
+    umls = [c for c in psutil.Process(worker.pid).children(recursive=True)
+            if c.name() == "linux.uml"]
+    assert umls  # node1's appliances run under its worker
+    t_kill = time.monotonic()
+    os.kill(worker.pid, signal.SIGKILL)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 121, err
+    assert "node node1: worker exited" in err
+    assert time.monotonic() - t_kill < 20
+    print(f"job ended {time.monotonic() - t_kill:.2f} s after the kill:\n{err}")
+    # conftest's no_leftovers: no UML, helper, diod, holder or run dir left
