@@ -2,16 +2,25 @@
 
     apppot-mpirun [options] [--] PROG [ARGS...]
 
-Flow: detect the allocation (batchenv) → plan the job's LAN (mcastnet) →
-build one appliance spec per rank → start them all over one shared base
-image → guest init configures eth0, /etc/hosts, the MPI host file and an
-authenticated remote-start agent → rank 0's appliance runs the image's own
-``mpirun``/``mpiexec`` across the LAN → its status is ours → tear down.
+Flow: detect the allocation (batchenv) → place ranks on its hosts → plan the
+job's LAN (mcastnet) → build one appliance spec per rank → start them over
+one shared base image → guest init configures eth0, /etc/hosts, the MPI
+host file and an authenticated remote-start agent → rank 0's appliance runs
+the image's own ``mpirun``/``mpiexec`` across the LAN → its status is ours
+→ tear down.
+
+Several nodes: run on the allocation's first node; a worker is started on
+each other node through the batch system's remote start (srun, qrsh
+-inherit, pbs_tmrsh, blaunch, else ssh; --launcher), multicast between the
+nodes is probed before anything boots, and all appliances share one LAN
+(TTL 1).  The job dir must be on a file system all nodes share.  Under
+``srun -n N apppot-mpirun``, task 0 runs the whole step; the others exit 0.
 
 Exit status (Open MPI's rule): 0 if every rank succeeded, else the status of
 the lowest-numbered rank that failed (mpirun inside rank 0 applies it); 124
-on --timeout; 120/121 when an appliance fails to boot or crashes (with the
-rank named on stderr); 125 for bad input.
+on --timeout; 120/121 when an appliance fails to boot or crashes, or a
+node's worker dies (with the rank or node named on stderr); 125 for bad
+input, or when multicast does not reach between the nodes.
 """
 
 import argparse

@@ -158,3 +158,37 @@ def test_killing_a_nodes_worker_ends_the_job(cluster, image, jobdir):
     assert time.monotonic() - t_kill < 20
     print(f"job ended {time.monotonic() - t_kill:.2f} s after the kill:\n{err}")
     # conftest's no_leftovers: no UML, helper, diod, holder or run dir left
+
+
+HOLDER_CHECK = """\
+import os, shutil, socket, tempfile
+from pathlib import Path
+from apppot import share
+from apppot_mpi.mcastnet import NetnsHolder
+holder = NetnsHolder()
+d = Path(tempfile.mkdtemp(prefix="apppot-test-holder-"))
+server = share.NinePServer(d, os.getuid(), d / "diod.log")
+port = server.start(None, holder.enter)
+try:
+    socket.create_connection(("127.0.0.1", port), 0.5)
+    print("reachable")
+except OSError:
+    print("closed", server._listening())
+server.stop()
+holder.close()
+shutil.rmtree(d)
+"""
+
+
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_job_dir_server_is_out_of_reach_of_the_hosts_loopback(user, nobody):
+    # with several nodes the launcher stays in the cluster's namespace; the
+    # 9P server (no authentication but the user name) must not listen there
+    import sys
+
+    from conftest import as_user
+
+    r = subprocess.run(as_user(nobody if user else None) + [
+        sys.executable, "-c", HOLDER_CHECK], capture_output=True, text=True,
+        cwd="/tmp", env=dict(os.environ, HOME="/tmp"), timeout=60, check=False)
+    assert r.stdout.split() == ["closed", "True"], r.stderr
