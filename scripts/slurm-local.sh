@@ -21,7 +21,7 @@ running() {  # running PIDFILE: is the daemon we started still there?
     [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
-up() {
+packages() {
     if [ "$(id -u)" != 0 ]; then
         echo "slurm-local.sh: run as root" >&2; exit 1
     fi
@@ -30,10 +30,12 @@ up() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
             --no-install-recommends slurm-wlm munge >/dev/null
     fi
-    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" "$DIR/munge"
-    chown munge:munge "$DIR/munge"
-    chmod 700 "$DIR/munge"
-    # munge: a key and a private socket/pid/log, started as the munge user
+}
+
+munge_up() {  # munge_up DIR: start munged (pid file in DIR) unless one runs
+    mkdir -p "$1"
+    chown munge:munge "$1"
+    chmod 700 "$1"
     if [ ! -s /etc/munge/munge.key ]; then
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2>/dev/null
         chown munge:munge /etc/munge/munge.key
@@ -41,10 +43,16 @@ up() {
     fi
     mkdir -p /run/munge && chown munge:munge /run/munge
     if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && \
-            ! running "$DIR/munge/munged.pid"; then
-        runuser -u munge -- /usr/sbin/munged --pid-file "$DIR/munge/munged.pid" \
-            --log-file "$DIR/munge/munged.log"
+            ! running "$1/munged.pid"; then
+        runuser -u munge -- /usr/sbin/munged --pid-file "$1/munged.pid" \
+            --log-file "$1/munged.log"
     fi
+}
+
+up() {
+    packages
+    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
+    munge_up "$DIR/munge"
     case "$ACCT" in
         rss) params= ;;
         pss) params=JobAcctGatherParams=UsePss ;;
@@ -118,5 +126,6 @@ down() {
 case "${1:-}" in
     up) up ;;
     down) down ;;
+    munge) packages; munge_up "$2" ;;  # for slurm-sim-cluster.sh
     *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac

@@ -91,13 +91,15 @@ def ranks(out):
     return sorted(line for line in out.splitlines() if line.startswith("rank"))
 
 
-@pytest.mark.parametrize("batch", ["sge", "slurm"])
-def test_four_ranks_split_over_two_nodes(cluster, image, jobdir, batch):
+@pytest.mark.parametrize("batch,mpi", [("sge", "openmpi"), ("slurm", "openmpi"),
+                                       ("sge", "mpich")])
+def test_four_ranks_split_over_two_nodes(cluster, image, mpich_image, jobdir,
+                                         batch, mpi):
     (jobdir / "prog.py").write_text(PROG)
     env = sge_env(jobdir, cluster) if batch == "sge" else slurm_env(cluster)
     t0 = time.monotonic()
-    p = mpirun(cluster, "node0", ["-v", "python3", "prog.py"], env=env,
-               cwd=jobdir)
+    p = mpirun(cluster, "node0", ["-v", "--mpi", mpi, "python3", "prog.py"],
+               env=env, cwd=jobdir)
     out, err = p.communicate(timeout=300)
     wall = time.monotonic() - t0
     assert p.returncode == 0, err
@@ -105,7 +107,7 @@ def test_four_ranks_split_over_two_nodes(cluster, image, jobdir, batch):
     assert "nodes: node0: appliances 0,1; node1: appliances 2,3" in err
     assert "multicast probe: all 2 nodes hear each other" in err
     assert "ttl 1" in err
-    print(f"multi-node 4-rank job ({batch}): {wall:.2f} s wall")
+    print(f"multi-node 4-rank job ({batch}, {mpi}): {wall:.2f} s wall")
     print([line for line in err.splitlines() if "probe" in line
            or "timings" in line])
 

@@ -123,3 +123,74 @@ def test_scancel_leaves_nothing(slurm, image, jobdir):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+# ------------------------------------------- two simulated nodes, real srun
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """scripts/slurm-sim-cluster.sh: node0 and node1 in network namespaces,
+    real slurmctld/slurmd; yields (env for clients, client argv prefix)."""
+    assert os.getuid() == 0, "the Slurm tests run as root (CI does)"
+    script = REPO / "scripts/slurm-sim-cluster.sh"
+    subprocess.run([script, "down"], check=False, timeout=120)  # stale run
+    up = subprocess.run([script, "up"], capture_output=True, text=True,
+                        timeout=900, check=False)
+    if up.returncode != 0:
+        subprocess.run([script, "down"], check=False, timeout=120)
+    assert up.returncode == 0, f"slurm-sim-cluster.sh up failed:\n{up.stderr}"
+    found = dict(line.split("=", 1) for line in up.stdout.split())
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "PE_", "PBS_", "LSB_"))}
+    env.update(SLURM_CONF=found["SLURM_CONF"], APPPOT_HOME=str(apppot_home()))
+    yield env, ["nsenter", f"--net=/run/netns/{found['NETNS']}"]
+    subprocess.run([script, "down"], check=False, timeout=120)
+
+
+def test_sbatch_over_two_nodes_uses_srun_to_start_the_workers(
+        slurm_cluster, image, jobdir):
+    env, on_node0 = slurm_cluster
+    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} -v python3 "
+                        "prog.py")
+    t0 = time.monotonic()
+    r = subprocess.run([*on_node0, "sbatch", "--wait", "-N", "2", "-n", "4",
+                        "-o", "out", "-e", "err", "-D", str(jobdir),
+                        str(script)], env=env, capture_output=True, text=True,
+                       timeout=300, check=False)
+    wall = time.monotonic() - t0
+    err = (jobdir / "err").read_text()
+    assert r.returncode == 0, f"{r.stderr}\njob stderr:\n{err}"
+    assert rank_lines((jobdir / "out").read_text()) == [
+        f"rank {i} of 4 sum 10" for i in range(4)]
+    assert "slurm allocation: node0:2, node1:2; 4 ranks" in err
+    assert "node1: appliances 2,3 (remote start: srun)" in err
+    assert "multicast probe: all 2 nodes hear each other" in err
+    assert "apppot[node1]: job dir shared over 9P" in err
+    print(f"sbatch -N 2 -n 4 round trip {wall:.1f} s;",
+          [line for line in err.splitlines() if "probe" in line
+           or "timings" in line])
+
+
+def test_scancel_of_a_two_node_job_leaves_nothing(slurm_cluster, image,
+                                                  jobdir):
+    env, on_node0 = slurm_cluster
+    before = _umls()
+    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} python3 "
+                        "prog.py hang")
+    r = subprocess.run([*on_node0, "sbatch", "--parsable", "-N", "2", "-n",
+                        "4", "-o", "out", "-e", "err", "-D", str(jobdir),
+                        str(script)], env=env, capture_output=True, text=True,
+                       timeout=60, check=True)
+    job = r.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 120
+    while not (jobdir / "started").exists():
+        assert time.monotonic() < deadline, (jobdir / "err").read_text()
+        time.sleep(0.2)
+    umids = {arg for p in _umls() - before for arg in psutil.Process(
+        p).cmdline() if arg.startswith("umid=")}
+    assert umids == {"umid=r0", "umid=r1", "umid=r2", "umid=r3"}
+    subprocess.run([*on_node0, "scancel", job], env=env, check=True,
+                   timeout=30)
+    deadline = time.monotonic() + 60
+    while _umls() - before:
+        assert time.monotonic() < deadline, f"left: {_umls() - before}"
+        time.sleep(0.2)
