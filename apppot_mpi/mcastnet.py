@@ -50,9 +50,6 @@ class LanPlan:
     prefix: int
     ranks: tuple  # RankNet per appliance
 
-    def uml_args(self, index, transport=None):
-        return (transport or McastTransport()).uml_args(self, index)
-
     def guest_net(self, index, device="eth0"):
         """The guest's interface on the LAN (configured by guest init)."""
         return {"device": device,
@@ -62,9 +59,14 @@ class LanPlan:
         return [[r.ip, r.hostname] for r in self.ranks]
 
     def hostfile(self, flavour, slots=1):
+        """MPI host file; ``slots``: one count, or one per appliance."""
+        counts = slots if isinstance(slots, list | tuple) else [slots] * len(
+            self.ranks)
         if flavour == "mpich":
-            return "".join(f"{r.ip}:{slots}\n" for r in self.ranks)
-        return "".join(f"{r.ip} slots={slots}\n" for r in self.ranks)
+            return "".join(f"{r.ip}:{n}\n" for r, n in zip(
+                self.ranks, counts, strict=True))
+        return "".join(f"{r.ip} slots={n}\n" for r, n in zip(
+            self.ranks, counts, strict=True))
 
     def describe(self):
         lines = [f"LAN group {self.group} port {self.port} ttl {self.ttl}"]
@@ -74,19 +76,24 @@ class LanPlan:
 
 
 class Transport:
-    """How the appliances' Ethernet frames meet (a seam: a hub on UML's
-    vector ``fd`` transport plugs in here for kernels without mcast)."""
+    """How the appliances' Ethernet frames meet."""
 
     name = ""
     kernel_feature = ""  # apppot.kernel feature the guest kernel needs
     device = "eth0"  # the guest's interface on the job LAN
+    hub = False  # needs a per-node hub process (apppot_mpi.hub)
 
     def uml_args(self, plan, index):
+        """UML arguments; ``{fd}`` stands for the hub socket's number."""
         raise NotImplementedError
+
+    def guest_net(self, plan, index):
+        return plan.guest_net(index, self.device)
 
 
 class McastTransport(Transport):
-    """UML's legacy ``mcast``: every appliance joins the job's group."""
+    """UML's legacy ``mcast`` (kernels before 6.16): every appliance joins
+    the job's group itself; MTU 1500."""
 
     name = "mcast"
     kernel_feature = "mcast"
@@ -97,7 +104,39 @@ class McastTransport(Transport):
                 f"{plan.ttl}",)
 
 
-TRANSPORTS = {t.name: t for t in (McastTransport,)}
+class HubTransport(Transport):
+    """The vector driver's ``fd`` transport to a hub on each node (see
+    apppot_mpi.hub); MTU 9000.  Guest init renames vec0 to eth0."""
+
+    name = "hub"
+    kernel_feature = "vector"
+    hub = True
+    mtu = 9000
+
+    def uml_args(self, plan, index):
+        r = plan.ranks[index]
+        return (f"vec0:transport=fd,fd={{fd}},mac={r.mac},mtu={self.mtu}",)
+
+    def guest_net(self, plan, index):
+        return {"device": "vec0", "name": self.device,
+                "address": f"{plan.ranks[index].ip}/{plan.prefix}"}
+
+
+TRANSPORTS = {t.name: t for t in (HubTransport, McastTransport)}
+
+
+def choose_transport(name, kern):
+    """``--transport``: hub, mcast, or auto (the hub where the kernel has
+    the vector driver, else mcast)."""
+    if name and name != "auto":
+        transport = TRANSPORTS[name]()
+        kern.require(transport.kernel_feature)
+        return transport
+    for cls in TRANSPORTS.values():
+        if kern.has(cls.kernel_feature):
+            return cls()
+    kern.require(McastTransport.kernel_feature, HubTransport.kernel_feature)
+    return None
 
 
 def job_key(job_id, user, salt=None):

@@ -24,6 +24,7 @@ input, or when multicast does not reach between the nodes.
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from apppot import __version__, share
@@ -56,11 +57,12 @@ from apppot.start import (
     Interrupts,
     caller_identity,
     prepare_common,
+    seccomp_args,
     uml_env,
 )
 from apppot.watchdog import Watchdog
 
-from . import batchenv, mcastnet, remote, worker
+from . import batchenv, hub, mcastnet, remote, worker
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,12 @@ MPI_OPTIONS = tuple(
     Option("subnet", ("--subnet",),
            f"IPv4 network of the job's LAN (default: {mcastnet.DEFAULT_SUBNET})"),
     Option("log_dir", ("--log-dir",), "write each rank's boot log here"),
+    Option("transport", ("--transport",),
+           "the job LAN: hub (UML's vector driver to a hub process per "
+           "node; MTU 9000; any current kernel), mcast (UML's legacy "
+           "multicast transport, kernels before 6.16; MTU 1500), or auto = "
+           "hub where the kernel has the vector driver (default: auto)",
+           kwargs=(("choices", ("auto", "hub", "mcast")),)),
     Option("launcher", ("--launcher",),
            "how to start the worker on the other nodes of a multi-node "
            "allocation (default: the batch system's own: srun, qrsh, "
@@ -111,6 +119,13 @@ def build_parser():
                         help="prefix each output line with its rank")
     parser.add_argument("--output-filename", metavar="DIR",
                         help="write each rank's output to files in DIR")
+    parser.add_argument("--per", choices=("node", "rank", "auto"),
+                        help="one appliance per node (its ranks share the "
+                        "appliance's vCPUs and memory; needs an SMP kernel) "
+                        "or per rank; auto = per node where the kernel is SMP "
+                        "(default: auto)")
+    parser.add_argument("--ranks-per-appliance", type=int, metavar="N",
+                        help="pack N ranks into each appliance (per node)")
     parser.add_argument("--oversubscribe", action="store_true",
                         help="allow more ranks than slots")
     parser.add_argument("--no-netns", action="store_true",
@@ -148,7 +163,7 @@ def image_flavour(image, requested=None):
 
 
 def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
-                  output_dir=None, as_root=False):
+                  output_dir=None, as_root=False, shared_memory=False):
     """The in-guest MPI launcher command rank 0's appliance runs (data)."""
     if flavour == "mpich":
         argv = ["mpiexec.hydra", "-f", HOSTFILE, "-n", str(nranks),
@@ -166,7 +181,9 @@ def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
         return [*argv, RANKWRAP, *prog]
     argv = ["mpirun", "--hostfile", HOSTFILE, "-n", str(nranks),
             "--mca", "plm_rsh_agent", RSH, "--mca", "plm_rsh_no_tree_spawn", "1",
-            "--mca", "pml", "ob1", "--mca", "btl", "tcp,self",
+            # ranks in one appliance talk through shared memory (vader)
+            "--mca", "pml", "ob1", "--mca", "btl",
+            "tcp,vader,self" if shared_memory else "tcp,self",
             "--mca", "btl_tcp_if_include", "eth0",
             "--mca", "oob_tcp_if_include", "eth0"]
     if as_root:
@@ -180,25 +197,57 @@ def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
     return [*argv, RANKWRAP, *prog]
 
 
-def map_ranks(nranks, per_appliance=1):
-    """Which MPI ranks live in which appliance, in rank order.  One per
-    appliance today (UML 6.1 is uniprocessor); SMP kernels will pack the
-    ranks of a node into one appliance by changing only this mapping."""
-    return [tuple(range(i, min(i + per_appliance, nranks)))
-            for i in range(0, nranks, per_appliance)]
+def pack(rank_hosts, per):
+    """Appliances as (host, ranks), in rank order: each host's ranks in
+    chunks of ``per`` (1: one appliance per rank; a host's slot count: one
+    appliance per node, its ranks sharing memory inside)."""
+    out = []
+    for host, ranks in rank_hosts:
+        for i in range(0, len(ranks), per):
+            out.append((host, tuple(ranks[i:i + per])))
+    return out
+
+
+def ranks_per_appliance(args, kern, rank_hosts):
+    """--per node|rank / --ranks-per-appliance N; auto: a node's ranks share
+    one appliance where the kernel is SMP (measured faster: see README)."""
+    per = args.per or "auto"
+    if args.ranks_per_appliance:
+        n = int(args.ranks_per_appliance)
+        if n < 1:
+            raise ConfigError(f"--ranks-per-appliance: need at least 1, got {n}",
+                              hint="e.g. --ranks-per-appliance 2")
+    elif per == "rank" or (per == "auto" and not kern.has("smp")):
+        n = 1
+    else:
+        n = max(len(r) for _, r in rank_hosts)
+    if n > 1 and not kern.has("smp"):
+        raise ConfigError(f"{n} ranks per appliance need an SMP kernel; UML "
+                          f"{kern.version} is uniprocessor", hint="build one "
+                          "(apppot-kernel build), or use --per rank")
+    return n
+
+
+def default_mem(ranks):
+    """Guest memory for an appliance holding ``ranks`` ranks."""
+    return max(256, 96 * ranks + 64) << 20
 
 
 @dataclass
 class RankPlan:
-    index: int
+    index: int  # the appliance's
     guest: GuestSpec
     net_args: tuple
+    ranks: tuple = (0,)  # the MPI ranks it holds
 
 
 def plan_ranks(lan, flavour, launcher, *, uid, gid, user, group, jobdir,
-               secret, env, boot_timeout, transport=None, slots=1):
-    """One GuestSpec per appliance (appliance i holds the ranks of
-    ``map_ranks`` entry i; the host file gives it that many slots)."""
+               secret, env, boot_timeout, transport=None, ranks=None):
+    """One GuestSpec per appliance; appliance i holds the MPI ranks
+    ``ranks[i]`` (default: rank i), and the host file gives it as many
+    slots."""
+    ranks = ranks or [(r.rank,) for r in lan.ranks]
+    slots = [len(rs) for rs in ranks]
     transport = transport or mcastnet.McastTransport()
     peers = [r.ip for r in lan.ranks]
     root_env = {b"OMPI_ALLOW_RUN_AS_ROOT": b"1",
@@ -211,7 +260,7 @@ def plan_ranks(lan, flavour, launcher, *, uid, gid, user, group, jobdir,
             argv=[os.fsencode(a) for a in argv],
             env={**root_env, **env} if r.rank == 0 else dict(root_env),
             hostname=r.hostname,
-            net=[lan.guest_net(r.rank, transport.device)],
+            net=[transport.guest_net(lan, r.rank)],
             hosts=lan.hosts(), hooks=["mpihook"],
             extra={"mpi": {"rank": r.rank, "size": len(lan.ranks), "ip": r.ip,
                            "peers": peers, "secret": secret,
@@ -219,7 +268,8 @@ def plan_ranks(lan, flavour, launcher, *, uid, gid, user, group, jobdir,
                            "flavour": flavour, "wait": boot_timeout,
                            "agent_env": {k.decode(): v.decode()
                                          for k, v in root_env.items()}}})
-        plans.append(RankPlan(r.rank, guest, transport.uml_args(lan, r.rank)))
+        plans.append(RankPlan(r.rank, guest, transport.uml_args(lan, r.rank),
+                              tuple(ranks[r.rank])))
     return plans
 
 
@@ -284,14 +334,18 @@ def run(args, environ=None):
     alloc = batchenv.detect(environ, pe=args.pe, hostfile=args.hostfile,
                             hosts=args.hosts, nprocs=args.n)
     nranks = choose_ranks(args, alloc)
-    appliances = map_ranks(nranks)
-    placement = place(alloc.hosts, len(appliances))
-    multi = len(placement) > 1
-    common = prepare_common(args, environ, count=len(placement[0][1]),
+    rank_hosts = place(alloc.hosts, nranks)
+    multi = len(rank_hosts) > 1
+    common = prepare_common(args, environ, count=len(rank_hosts[0][1]),
                             boot_default=120.0)
     kern, jobdir = common.kernel, common.jobdir
-    transport = mcastnet.TRANSPORTS["mcast"]()
-    kern.require(transport.kernel_feature)
+    per = ranks_per_appliance(args, kern, rank_hosts)
+    appliances = pack(rank_hosts, per)  # [(host, ranks)]
+    placement = [(h, [i for i, (ah, _) in enumerate(appliances) if ah == h])
+                 for h, _ in rank_hosts]
+    if per > 1 and not args.mem:
+        common = replace(common, mem=default_mem(per))
+    transport = mcastnet.choose_transport(args.transport, kern)
     flavour = image_flavour(common.image, args.mpi)
     share_modules = choose_jobdir_fs(args.jobdir_fs or "auto", kern)
     starter = remote.choose(args.launcher, alloc.source, environ) \
@@ -308,9 +362,9 @@ def run(args, environ=None):
     identity = caller_identity()
     uid, gid, user, group = identity
     launcher = launcher_argv(
-        flavour, nranks, prog, exports=[(k.decode(), v.decode("utf-8",
-                                         "surrogateescape"))
-                                        for k, v in exports.items()],
+        flavour, nranks, prog, shared_memory=per > 1,
+        exports=[(k.decode(), v.decode("utf-8", "surrogateescape"))
+                 for k, v in exports.items()],
         tag_output=args.tag_output, output_dir=output_dir, as_root=uid == 0)
     job_id = alloc.job_id or str(os.getpid())
     in_netns = False
@@ -325,23 +379,29 @@ def run(args, environ=None):
     plans = plan_ranks(lan, flavour, launcher, uid=uid, gid=gid, user=user,
                        group=group, jobdir=jobdir, secret=secret,
                        env=exports, boot_timeout=common.boot_timeout,
-                       transport=transport, slots=len(appliances[0]))
+                       transport=transport, ranks=[r for _, r in appliances])
     settings = NodeSettings(
         kernel=str(kern.path), image=str(common.image), mem=common.mem,
         changes=str(common.changes) if common.changes else None,
         jobdir=str(jobdir), uid=uid, gid=gid, user=user,
         keep=bool(args.keep), verbose=args.verbose,
         log_dir=str(Path(args.log_dir).absolute()) if args.log_dir else None,
-        boot_timeout=common.boot_timeout,
-        jobdir_fs="9p" if share_modules else "hostfs", private_share=multi)
+        boot_timeout=common.boot_timeout, seccomp=args.seccomp or "auto",
+        jobdir_fs="hostfs" if share_modules is None else "9p",
+        private_share=multi, transport=transport.name,
+        hub=hub_config(lan, placement, secret, multi) if transport.hub
+        else None)
     log.info("%s allocation: %s; %d ranks, %s image %s", alloc.source,
              ", ".join(f"{h}:{s}" for h, s in alloc.hosts), nranks, flavour,
              common.image)
+    log.info("%d appliance%s, %d rank%s each%s (mem %d MiB)", len(appliances),
+             "s" * (len(appliances) > 1), per, "s" * (per > 1),
+             " (shared memory inside)" if per > 1 else "", common.mem >> 20)
     if multi:
         log.info("nodes: %s (remote start: %s)", "; ".join(
             f"{h}: appliances {','.join(map(str, ix))}" for h, ix in placement),
             starter.name)
-    log.info("%s", lan.describe())
+    log.info("LAN transport %s; %s", transport.name, lan.describe())
     log.info("host file:\n%s", lan.hostfile(flavour).rstrip())
     log.info("rank 0 runs: %s", shlex.join(launcher))
     cluster = worker.Cluster(placement, plans, settings, starter, lan,
@@ -355,10 +415,25 @@ def run(args, environ=None):
         print(f"rank 0 runs: {shlex.join(launcher)}")
         print(lan.describe())
         return 0
-    source, iface = mcastnet.multicast_route(lan.group, lan.port)
-    log.info("LAN carried by %s (%s)%s", iface, source,
-             " in a private network namespace" if in_netns else "")
+    if transport.hub and not multi:
+        log.info("LAN: the hub joins the appliances; no multicast%s",
+                 " (private network namespace)" if in_netns else "")
+    else:
+        source, iface = mcastnet.multicast_route(lan.group, lan.port)
+        log.info("LAN carried by %s (%s)%s", iface, source,
+                 " in a private network namespace" if in_netns else "")
     return launch(plans, common, settings, environ, share_modules, cluster)
+
+
+def hub_config(lan, placement, secret, multi):
+    """What every node's hub needs: which node each MAC lives on, and for
+    several nodes the group, TTL and the per-job frame key (plain data)."""
+    node_of = {i: k for k, (_, ix) in enumerate(placement) for i in ix}
+    return {"macs": [[r.mac, node_of[r.rank]] for r in lan.ranks],  # by index
+            "group": lan.group, "port": lan.port, "ttl": lan.ttl,
+            "multi": multi,
+            "key": hashlib.sha256(b"apppot-hub\0" + secret.encode()
+                                  ).hexdigest()}
 
 
 def place(hosts, count):
@@ -387,7 +462,7 @@ def choose_jobdir_fs(mode, kern):
     missing = [what for what, ok in (
         ("diod", share.NinePServer.available()),
         ("libslirp-helper", shutil.which("libslirp-helper")),
-        (f"9p modules for kernel {kern.version}", modules),
+        (f"9p modules for kernel {kern.version}", modules is not None),
         ("the vector network driver", kern.has("vector"))) if not ok]
     if not missing:
         return modules
@@ -419,6 +494,10 @@ class NodeSettings:
     boot_timeout: float = 120.0
     jobdir_fs: str = "auto"
     private_share: bool = False  # 9P server + slirp in a private netns
+    transport: str = "mcast"
+    hub: dict | None = None  # hub_config(), for the hub transport
+    seccomp: str = "auto"
+    node: int = 0  # which node of the job this is (0: the head)
 
     def to_dict(self):
         return dict(self.__dict__)
@@ -437,6 +516,7 @@ class NodeRun:
         self.apps = []
         self.server = None
         self.holder = None
+        self.hub = None
         self.rundir = make_rundir(prefix="apppot-job-")
 
     def start(self, plans, *, stdin_fd=None):
@@ -445,7 +525,7 @@ class NodeRun:
         if log_dir:
             log_dir.mkdir(parents=True, exist_ok=True)
         files, helper, preexec = (), shutil.which("libslirp-helper"), None
-        if self.share_modules:
+        if self.share_modules is not None:
             if s.private_share:
                 self.holder = mcastnet.NetnsHolder(self.dog, self.rundir)
                 preexec = self.holder.enter
@@ -458,7 +538,11 @@ class NodeRun:
                 s.user).guest()
             log.info("job dir shared over 9P (diod on port %d%s)", port,
                      ", private namespace" if s.private_share else "")
-        for p in plans:
+        link = 0  # the vec device number of the job dir link
+        if s.transport == "hub":
+            self.hub = self._start_hub([p.index for p in plans])
+            link = 1
+        for k, p in enumerate(plans):
             rundir = make_rundir(prefix=f"apppot-r{p.index}-")
             app = Appliance(rundir, name=f"rank {p.index}", keep=s.keep,
                             verbose=s.verbose >= 2 and p.index == 0,
@@ -468,12 +552,17 @@ class NodeRun:
             control = rundir / "control.tar"
             channels = app.make_channels()
             net_args, net_fds = p.net_args, ()
-            if self.share_modules:  # a private link to the job dir server
-                fd = app.start_slirp(helper, preexec)
-                link_args, link = slirp_net(fd, default_route=False)
-                net_args += link_args
+            if self.hub:
+                fd = self.hub.uml_fds[k]
+                net_args = tuple(a.replace("{fd}", str(fd)) for a in net_args)
                 net_fds = (fd,)
-                p.guest.net = p.guest.net + link
+            if self.share_modules is not None:  # link to the job dir server
+                fd = app.start_slirp(helper, preexec)
+                link_args, link_net = slirp_net(fd, default_route=False,
+                                                index=link)
+                net_args += link_args
+                net_fds += (fd,)
+                p.guest.net = p.guest.net + link_net
                 p.guest.extra["jobdir_fs"] = shared
             write_control_disk(control, p.guest.to_json(),
                                Path(s.changes) if s.changes else None, files)
@@ -482,13 +571,36 @@ class NodeRun:
                 mem_bytes=s.mem, image=Path(s.image), cow=rundir / "root.cow",
                 control=control, notify=rundir / "notify", channels=channels,
                 hostfs=Path(s.jobdir), net_args=net_args, net_fds=net_fds,
-                quiet=s.verbose < 2)
+                quiet=s.verbose < 2, extra_args=self.kernel_args(len(p.ranks)))
             if p.index == 0:
                 app.start(spec, self.env, stdin_fd=stdin_fd)
             else:
                 app.start(spec, self.env, stdout_fd=_discard,
                           stderr_fd=_discard)
         return self.apps
+
+    def kernel_args(self, nranks):
+        """seccomp mode, and one vCPU per rank up to this node's cores."""
+        args = list(seccomp_args(self.kern, self.s.seccomp))
+        ncpus = min(nranks, os.cpu_count() or 1, self.kern.max_cpus)
+        if ncpus > 1:
+            args.append(f"ncpus={ncpus}")
+        return tuple(args)
+
+    def _start_hub(self, indexes):
+        h = self.s.hub
+        local = {i: port for port, i in enumerate(indexes)}
+        table = {mac: local[i] if node == self.s.node else hub.NET
+                 for i, (mac, node) in enumerate(h["macs"])}
+        net = ({"group": h["group"], "port": h["port"], "ttl": h["ttl"]}
+               if h["multi"] else None)
+        return hub.HubProcess(len(indexes), table, net=net, key=h["key"],
+                              node=self.s.node, dog=self.dog,
+                              rundir=self.rundir)
+
+    def supervised(self):
+        """What the wait loop watches besides the appliances."""
+        return [self.hub] if self.hub else []
 
     def kill_now(self):
         for app in self.apps:
@@ -499,6 +611,11 @@ class NodeRun:
             app.kill_now()
         for app in self.apps:
             app.close()
+        if self.hub:
+            stats = self.hub.close()
+            if stats:
+                log.info("hub: %s", ", ".join(f"{k} {v}" for k, v in
+                                              stats.items()))
         if self.server:
             self.server.stop(self.dog)
         if self.holder:
@@ -512,7 +629,8 @@ def launch(plans, common, settings, environ, share_modules=None,
     nodes), supervise them, always tear them all down."""
     t0 = time.monotonic()
     with Watchdog() as dog, Interrupts() as interrupted:
-        node = NodeRun(settings, common.kernel, dog, uml_env(environ),
+        node = NodeRun(settings, common.kernel, dog,
+                       uml_env(environ, common.kernel),
                        share_modules)
         remotes = []
         try:
@@ -522,9 +640,10 @@ def launch(plans, common, settings, environ, share_modules=None,
                 local = [p for p in plans if p.index in cluster.local]
             node.start(local, stdin_fd=0)
             code = job_status(node.apps + remotes, wait_all(
-                node.apps + remotes, boot_timeout=common.boot_timeout,
+                node.apps + node.supervised() + remotes,
+                boot_timeout=common.boot_timeout,
                 timeout=common.timeout, interrupted=interrupted),
-                nranks=len(plans))
+                nranks=sum(len(p.ranks) for p in plans))
             t_end = time.monotonic()
             report(node.apps + remotes, t0, t_end)
             return code

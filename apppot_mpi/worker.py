@@ -201,7 +201,8 @@ class Cluster:
                            "settings": self.settings.to_dict(),
                            "plans": [{"index": i, "guest": self.plans[
                                i].guest.to_json().decode(), "net_args": list(
-                               self.plans[i].net_args)} for i in indexes],
+                               self.plans[i].net_args), "ranks": list(
+                               self.plans[i].ranks)} for i in indexes],
                            "probe": probe})
             self._probe(remotes, probe, interrupted)
             for node in remotes:
@@ -282,7 +283,8 @@ def _prepare(settings, count):
     args = Namespace(mem=f"{settings['mem'] // 1024}K", timeout=None,
                      boot_timeout=settings["boot_timeout"],
                      kernel=settings["kernel"], image=settings["image"],
-                     mpi=None, changes=settings["changes"])
+                     mpi=None, changes=settings["changes"],
+                     seccomp=settings.get("seccomp", "auto"))
     return prepare_common(args, os.environ, count=count)
 
 
@@ -293,11 +295,13 @@ def serve(msg, proto, stdin_fd):
 
     from .rankspawn import NodeRun, NodeSettings, RankPlan, choose_jobdir_fs
 
-    settings = NodeSettings(**msg["settings"])
+    settings = NodeSettings(**{**msg["settings"], "node": msg["node"]})
     plans = [RankPlan(p["index"], GuestSpec.from_json(p["guest"]),
-                      tuple(p["net_args"])) for p in msg["plans"]]
+                      tuple(p["net_args"]), tuple(p["ranks"]))
+             for p in msg["plans"]]
     common = _prepare(msg["settings"], len(plans))
-    common.kernel.require(mcastnet.McastTransport.kernel_feature)
+    common.kernel.require(mcastnet.TRANSPORTS[settings.transport]
+                          .kernel_feature)
     share_modules = choose_jobdir_fs(settings.jobdir_fs, common.kernel)
     pr = msg["probe"]
     report = mcastnet.run_probe(pr["group"], pr["port"], pr["nonce"],
@@ -308,12 +312,13 @@ def serve(msg, proto, stdin_fd):
     if not line or json.loads(line).get("cmd") != "boot":
         return 0  # the head gave up (probe failed elsewhere)
     with Watchdog() as dog, Interrupts() as interrupted:
-        node = NodeRun(settings, common.kernel, dog, uml_env(os.environ),
+        node = NodeRun(settings, common.kernel, dog,
+                       uml_env(os.environ, common.kernel),
                        share_modules)
         try:
             apps = node.start(plans)
-            return _supervise(apps, proto, stdin_fd, settings.boot_timeout,
-                              interrupted)
+            return _supervise(apps, node.supervised(), proto, stdin_fd,
+                              settings.boot_timeout, interrupted)
         finally:
             node.close()
 
@@ -328,16 +333,19 @@ def _readline(fd):
     return data
 
 
-def _supervise(apps, proto, stdin_fd, boot_timeout, interrupted):
+def _supervise(apps, helpers, proto, stdin_fd, boot_timeout, interrupted):
     """Report readiness and rank statuses until the head hangs up; raise
-    (naming the rank) when an appliance fails."""
+    (naming the rank or helper) when an appliance or the hub fails."""
     t0 = time.monotonic()
     ready, ranks = set(), {}
     while True:
-        r, _, _ = select.select([stdin_fd, *apps], [], [], 0.2)
-        for app in apps:
+        r, _, _ = select.select([stdin_fd, *apps, *helpers], [], [], 0.2)
+        for app in (*apps, *helpers):
             if app in r:
                 app.poll_notices(0)
+        for h in helpers:
+            if h.proc.poll() is not None:
+                h.result()  # raises
         if stdin_fd in r and not os.read(stdin_fd, 4096):
             return 0  # EOF: the job is over
         signum = interrupted()

@@ -99,7 +99,8 @@ def _ours():
         cmd = p.info["cmdline"] or []
         if p.info["name"] in ("linux.uml", "libslirp-helper", "diod") or (
                 cmd[:1] and "linux.uml" in cmd[0]) or "apppot.watchdog" in cmd \
-                or "apppot_mpi.worker" in cmd or cmd == ["sleep", "infinity"]:
+                or "apppot_mpi.worker" in cmd or "apppot_mpi.hub" in cmd \
+                or cmd == ["sleep", "infinity"]:
             found[p.info["pid"]] = (p.info["create_time"], " ".join(cmd)[:120])
     return found
 

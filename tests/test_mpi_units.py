@@ -156,11 +156,13 @@ def test_lan_plan_contents():
     macs = [r.mac for r in plan.ranks]
     assert len(set(macs)) == 3
     assert all(int(m.split(":")[0], 16) & 0b11 == 0b10 for m in macs)
-    assert plan.uml_args(1) == (f"eth0=mcast,{macs[1]},{plan.group},"
-                                f"{plan.port},0",)
+    assert mcastnet.McastTransport().uml_args(plan, 1) == (
+        f"eth0=mcast,{macs[1]},{plan.group},{plan.port},0",)
     assert plan.hostfile("openmpi") == ("10.9.0.1 slots=1\n10.9.0.2 slots=1\n"
                                         "10.9.0.3 slots=1\n")
     assert plan.hostfile("mpich").splitlines()[0] == "10.9.0.1:1"
+    assert plan.hostfile("mpich", [2, 2, 1]) == ("10.9.0.1:2\n10.9.0.2:2\n"
+                                                 "10.9.0.3:1\n")
     assert plan.guest_net(1) == {"device": "eth0", "address": "10.9.0.2/24"}
 
 
@@ -200,13 +202,42 @@ def test_mpich_launcher_argv():
     assert argv[argv.index("-launcher-exec") + 1] == rankspawn.RSH
 
 
-def test_rank_mapping_and_transport_seams():
-    assert rankspawn.map_ranks(3) == [(0,), (1,), (2,)]
-    assert rankspawn.map_ranks(5, per_appliance=2) == [(0, 1), (2, 3), (4,)]
-    plan = mcastnet.plan_lan(mcastnet.job_key("1", "u", salt="s"), 2)
-    t = mcastnet.TRANSPORTS["mcast"]()
-    assert t.kernel_feature == "mcast"
-    assert t.uml_args(plan, 1) == plan.uml_args(1)
+def test_ranks_pack_into_appliances_per_node():
+    hosts = [("a", [0, 1, 2]), ("b", [3, 4])]
+    assert rankspawn.pack(hosts, 1) == [("a", (0,)), ("a", (1,)), ("a", (2,)),
+                                        ("b", (3,)), ("b", (4,))]
+    assert rankspawn.pack(hosts, 3) == [("a", (0, 1, 2)), ("b", (3, 4))]
+    assert rankspawn.pack(hosts, 2) == [("a", (0, 1)), ("a", (2,)),
+                                        ("b", (3, 4))]
+
+    class Args:
+        per, ranks_per_appliance = None, None
+
+    class Kern:
+        version = "6.1"
+
+        def __init__(self, smp):
+            self.smp = smp
+
+        def has(self, f):
+            return f == "smp" and self.smp
+
+    assert rankspawn.ranks_per_appliance(Args, Kern(True), hosts) == 3
+    assert rankspawn.ranks_per_appliance(Args, Kern(False), hosts) == 1
+    Args.per = "rank"
+    assert rankspawn.ranks_per_appliance(Args, Kern(True), hosts) == 1
+    Args.per, Args.ranks_per_appliance = "auto", 2
+    with pytest.raises(ConfigError, match="need an SMP kernel"):
+        rankspawn.ranks_per_appliance(Args, Kern(False), hosts)
+    assert rankspawn.default_mem(1) == 256 << 20
+    assert rankspawn.default_mem(8) == 832 << 20
+
+
+def test_shared_memory_between_ranks_of_one_appliance():
+    argv = rankspawn.launcher_argv("openmpi", 4, ["p"], shared_memory=True)
+    assert argv[argv.index("btl") + 1] == "tcp,vader,self"
+    argv = rankspawn.launcher_argv("openmpi", 4, ["p"])
+    assert argv[argv.index("btl") + 1] == "tcp,self"
 
 
 def test_lowest_failed_rank_rule():
@@ -339,7 +370,12 @@ def test_agent_signature_depends_on_secret_nonce_and_request():
 
 def test_dry_run_starts_nothing(tmp_path, capsys, monkeypatch, image):
     monkeypatch.chdir(tmp_path)
-    code = rankspawn.main(["--dry-run", "-n", "2", "python3", "x.py"])
+    code = rankspawn.main(["--dry-run", "--kernel", "/usr/bin/linux.uml",
+                           "-n", "2", "python3", "x.py"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "rank 1: eth0=mcast," in out and "rank 0 runs: mpirun" in out
+    assert "rank 1: 'vec0:transport=fd,fd={fd},mac=" in out
+    assert "rank 0 runs: mpirun" in out
+    code = rankspawn.main(["--dry-run", "--kernel", "/usr/bin/linux.uml",
+                           "--transport", "mcast", "-n", "2", "true"])
+    assert "rank 1: eth0=mcast," in capsys.readouterr().out

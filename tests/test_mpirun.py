@@ -35,6 +35,10 @@ def mpirun(args, *, cwd, user=None, input=None, timeout=240, env=None):
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
+STOCK = "/usr/bin/linux.uml"
+MCAST = ["--kernel", STOCK, "--transport", "mcast"]  # the legacy LAN
+
+
 def rows(stdout):
     return sorted(json.loads(line) for line in stdout.decode().splitlines()
                   if line.startswith("["))
@@ -208,7 +212,8 @@ def test_bad_input_errors(jobdir, nobody, image):
 def test_no_multicast_route_fails_fast(jobdir, image):
     t0 = time.monotonic()
     r = subprocess.run(["unshare", "-n", tool("apppot-mpirun"), "--no-netns",
-                        "-n", "2", "true"], cwd=jobdir, capture_output=True,
+                        *MCAST, "-n", "2", "true"], cwd=jobdir,
+                       capture_output=True,
                        stdin=subprocess.DEVNULL, timeout=60, check=False)
     assert r.returncode == 125, r.stderr
     assert b"no multicast route" in r.stderr and b"hint:" in r.stderr
@@ -243,17 +248,21 @@ if c.rank == 0:
 """
 
 
-def test_two_jobs_on_one_host_are_isolated(jobdir, image):
+@pytest.mark.parametrize("transport", ["mcast", "hub"])
+def test_two_jobs_on_one_host_are_isolated(jobdir, image, transport):
     """Both jobs share one network namespace (made here) and one subnet:
-    only their multicast groups keep them apart."""
+    only their multicast groups (mcast), or their own hubs, keep them
+    apart."""
     script = jobdir / "iso.py"
     script.write_text(ISOLATION)
+    opts = " ".join(MCAST if transport == "mcast" else
+                    ["--transport", "hub", "--per", "rank"])
     holder = subprocess.run(
         ["unshare", "-n", "sh", "-c", SHARED_NETNS, "sh", "sh", "-c",
-         f"TAG=jobA {tool('apppot-mpirun')} --no-netns -n 2 -x TAG python3 "
-         f"{script} > a.out 2> a.err & "
-         f"TAG=jobB {tool('apppot-mpirun')} --no-netns -n 2 -x TAG python3 "
-         f"{script} > b.out 2> b.err; wait"],
+         f"TAG=jobA {tool('apppot-mpirun')} --no-netns {opts} -n 2 -x TAG "
+         f"python3 {script} > a.out 2> a.err & "
+         f"TAG=jobB {tool('apppot-mpirun')} --no-netns {opts} -n 2 -x TAG "
+         f"python3 {script} > b.out 2> b.err; wait"],
         cwd=jobdir, capture_output=True, stdin=subprocess.DEVNULL, timeout=240,
         check=False)
     assert holder.returncode == 0, holder.stderr
@@ -306,7 +315,8 @@ def test_injected_frames_cannot_run_anything(jobdir, image):
     back), but without the job secret the agent runs nothing."""
     inject = Path(__file__).with_name("progs") / "inject.py"
     script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo && "
-              f"{tool('apppot-mpirun')} --no-netns -n 2 sleep 40 "
+              f"{tool('apppot-mpirun')} --no-netns {' '.join(MCAST)} -n 2 "
+              "sleep 40 "
               "> job.out 2> job.err & "
               f"sleep 15; {sys.executable} {inject} {jobdir} > inject.json; "
               "wait")

@@ -75,6 +75,13 @@ APPLIANCE_OPTIONS = (
     Option("keep", ("--keep",), "keep the run directory (COW file, logs)",
            kwargs=(("action", "store_const"), ("const", "1"))),
     Option("log", ("--log",), "also write the boot log to this file"),
+    Option("seccomp", ("--seccomp",),
+           "UML's seccomp mode (kernels 6.16+): guest system calls trapped "
+           "by a seccomp filter instead of ptrace, much faster; the guest's "
+           "processes can then reach the UML kernel's host process, which "
+           "has only your own rights (hostfs confinement becomes advisory). "
+           "auto = where the kernel and host allow it (default: auto)",
+           kwargs=(("choices", ("auto", "on", "off")),)),
 )
 
 START_OPTIONS = (

@@ -177,8 +177,11 @@ def step_network(ctx):
     """6. Network: none, slirp (user-mode NAT to the host's loopback), or a
     plan of addresses the launcher computed (the MPI LAN)."""
     for dev in ctx["spec"].get("net", []):
-        set_address(dev["device"], dev["address"])
-        link_up(dev["device"])
+        if dev.get("name"):  # vec0 of the hub transport becomes eth0
+            rename_link(dev["device"], dev["name"])
+        name = dev.get("name") or dev["device"]
+        set_address(name, dev["address"])
+        link_up(name)
         if dev.get("gateway"):
             add_default_route(dev["gateway"])
         if dev.get("resolv"):
@@ -268,7 +271,7 @@ def write_file(path, text, mode=0o644):
 # Interfaces are configured with ioctls, not `ip`: a fork+exec costs ~50 ms
 # under UML, and every appliance boot would pay it per command.
 SIOCADDRT, SIOCGIFFLAGS, SIOCSIFFLAGS = 0x890B, 0x8913, 0x8914
-SIOCSIFADDR, SIOCSIFNETMASK = 0x8916, 0x891C
+SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFNAME = 0x8916, 0x891C, 0x8923
 
 
 def _ioctl(request, arg):
@@ -290,6 +293,11 @@ def link_up(ifname):
     req = struct.pack("16sH14x", ifname.encode(), 0)
     flags = struct.unpack_from("16sH", _ioctl(SIOCGIFFLAGS, req))[1]
     _ioctl(SIOCSIFFLAGS, struct.pack("16sH14x", ifname.encode(), flags | 1))
+
+
+def rename_link(old, new):
+    """``ip link set OLD name NEW`` (the link is still down)."""
+    _ioctl(SIOCSIFNAME, struct.pack("16s16s8x", old.encode(), new.encode()))
 
 
 def set_address(ifname, cidr):

@@ -34,6 +34,8 @@ FEATURES = {
     "mcast": "CONFIG_UML_NET_MCAST",
     "slirp": "CONFIG_UML_NET_SLIRP",
     "vector": "CONFIG_UML_NET_VECTOR",
+    "9p": "CONFIG_9P_FS",
+    "smp": "CONFIG_SMP",
 }
 BASE_FEATURES = ("ubd", "hostfs", "ext4", "mconsole", "sysrq", "devtmpfs")
 
@@ -45,9 +47,30 @@ class Kernel:
     path: Path
     version: str
     config: dict = field(repr=False, compare=False)
+    options: frozenset = field(default=frozenset(), repr=False, compare=False)
 
     def has(self, feature):
+        if feature == "seccomp":  # a run-time mode, not a Kconfig symbol
+            return "seccomp=" in self.options
         return self.config.get(FEATURES[feature]) in ("y", "m")
+
+    @property
+    def own(self):
+        """Built by apppot-kernel (cached under $APPPOT_HOME/kernels)?"""
+        return self.path.name == "linux" and self.path.parent.name.startswith(
+            "uml-")
+
+    @property
+    def max_cpus(self):
+        return int(self.config.get("CONFIG_NR_CPUS", "1")) if self.has(
+            "smp") else 1
+
+    def describe(self):
+        feats = [f for f in ("mcast", "vector", "9p", "smp", "seccomp")
+                 if self.has(f)]
+        return (f"{self.path} (UML {self.version}, "
+                f"{'AppPot build' if self.own else 'distribution'}; "
+                f"{', '.join(feats) or 'basic'})")
 
     def require(self, *features):
         missing = [f for f in features if not self.has(f)]
@@ -62,15 +85,45 @@ class Kernel:
         return tuple(int(x) for x in re.findall(r"\d+", self.version)[:3])
 
 
-def find_kernel(path=None):
-    """The kernel to use: ``path``, else the first default that exists."""
-    candidates = [path] if path else [shutil.which(c) or c for c in DEFAULT_KERNELS]
-    for cand in candidates:
-        if cand and os.path.exists(cand):
-            return load_kernel(Path(cand).resolve())
+def candidates(home=None):
+    """Usable kernels, best first: AppPot's own builds (newest first, see
+    apppot-kernel), then the distribution's linux.uml."""
+    from .kernelbuild import built_kernels  # noqa: PLC0415
+
+    paths = [p for p, _ in built_kernels(home)]
+    paths += [Path(shutil.which(c) or c) for c in DEFAULT_KERNELS]
+    found, seen = [], set()
+    for p in paths:
+        if not p.exists() or p.resolve() in seen:
+            continue
+        seen.add(p.resolve())
+        try:
+            found.append(load_kernel(p.resolve()))
+        except KernelError as e:
+            log.warning("skipping kernel %s: %s", p, e)
+    return found
+
+
+def find_kernel(path=None, needs=()):
+    """The kernel to use: ``path``, else the best candidate that has every
+    feature in ``needs``.  Says which at -v."""
     if path:
-        raise KernelError(f"UML kernel not found: {path!r}",
-                          hint="give the path of a linux.uml binary (--kernel)")
+        if not os.path.exists(path):
+            raise KernelError(f"UML kernel not found: {path!r}",
+                              hint="give the path of a linux.uml binary "
+                              "(--kernel)")
+        kern = load_kernel(Path(path).resolve())
+        log.info("kernel: %s", kern.describe())
+        return kern
+    found = candidates()
+    for kern in found:
+        if all(kern.has(f) for f in needs):
+            log.info("kernel: %s", kern.describe())
+            return kern
+    if found:
+        raise KernelError(f"no UML kernel here has {', '.join(needs)}",
+                          hint="build one (apppot-kernel build) or pass "
+                          "--kernel PATH")
     raise KernelError("no UML kernel found (linux.uml)",
                       hint="install Debian's user-mode-linux package, or pass "
                       "--kernel PATH")
@@ -91,6 +144,17 @@ def _stat(path):
         raise KernelError(f"UML kernel {str(path)!r} is not executable",
                           hint="chmod +x it, or pick another with --kernel")
     return st
+
+
+def _options(path):
+    """The kernel's command-line options (``--help`` lists them)."""
+    try:
+        out = subprocess.run([path, "--help"], capture_output=True, timeout=20,
+                             stdin=subprocess.DEVNULL, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(re.findall(r"^([a-z_0-9]+=?)", out.decode(
+        errors="replace"), re.M))
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,7 +178,7 @@ def _load_kernel(path, _mtime, _size):
                           "(--showconfig gave no Linux/um configuration)",
                           hint="use linux.uml from user-mode-linux")
     config = dict(re.findall(r"^(CONFIG_\w+)=(.*)$", text, re.M))
-    kernel = Kernel(Path(path), m.group(1), config)
+    kernel = Kernel(Path(path), m.group(1), config, _options(path))
     kernel.require(*BASE_FEATURES)
     return kernel
 
@@ -133,10 +197,16 @@ def host_needs_xstate_shim(cpuinfo="/proc/cpuinfo"):
     return False
 
 
-def xstate_shim(mode=None):
-    """Path of the LD_PRELOAD shim to use, or None (``APPPOT_XSTATE_SHIM``)."""
+SHIM_BEFORE = (7, 0)  # kernels measured to need it: Debian 12's 6.1; 7.2 not
+
+
+def xstate_shim(mode=None, kern=None):
+    """Path of the LD_PRELOAD shim to use, or None (``APPPOT_XSTATE_SHIM``).
+    ``auto``: on AVX-512/AMX hosts, for kernels older than SHIM_BEFORE."""
     mode = (mode or os.environ.get("APPPOT_XSTATE_SHIM") or "auto").lower()
-    if mode == "off" or (mode == "auto" and not host_needs_xstate_shim()):
+    old = kern is None or kern.version_tuple < SHIM_BEFORE
+    if mode == "off" or (mode == "auto" and not (
+            old and host_needs_xstate_shim())):
         return None
     return build_shim()
 

@@ -33,7 +33,10 @@ MODULES = ("fs/netfs/netfs.ko", "fs/fscache/fscache.ko", "net/9p/9pnet.ko",
 
 
 def module_paths(kernel):
-    """The 9P modules built for ``kernel`` (a Kernel), or None."""
+    """The 9P modules built for ``kernel`` (a Kernel): [] when 9P is built
+    in, None when neither."""
+    if kernel.config.get("CONFIG_9P_FS") == "y":
+        return []
     for base in MODULE_DIRS:
         root = Path(base) / kernel.version / "kernel"
         paths = [root / m for m in MODULES]

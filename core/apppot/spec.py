@@ -145,17 +145,17 @@ SLIRP_HOST = "10.0.2.2"  # the host's loopback as seen through libslirp
 SLIRP_GUEST = "10.0.2.15/24"
 
 
-def slirp_net(fd, *, default_route=True):
+def slirp_net(fd, *, default_route=True, index=0):
     """UML args and the guest's interface for user-mode NAT via libslirp.
 
     The guest's ``vec0`` talks raw Ethernet over an inherited datagram
     socket (fd) to ``libslirp-helper``.  ``default_route=False`` gives a
     private link to the host's loopback only (the MPI job dir share).
     """
-    link = {"device": "vec0", "address": SLIRP_GUEST}
+    link = {"device": f"vec{index}", "address": SLIRP_GUEST}
     if default_route:
         link.update(gateway=SLIRP_HOST, resolv="nameserver 10.0.2.3\n")
-    return (f"vec0:transport=fd,fd={fd},vec=0",), [link]
+    return (f"vec{index}:transport=fd,fd={fd}",), [link]
 
 
 def parse_env_args(items, environ):

@@ -147,16 +147,17 @@ class Prepared:
     cow: Path | None
     changes: Path | None
     jobdir: Path
+    kernel_args: tuple = ()  # e.g. seccomp=auto
 
 
-def prepare_common(args, environ, *, count=1, boot_default=60.0):
+def prepare_common(args, environ, *, count=1, boot_default=60.0, needs=()):
     """Validate the appliance options for ``count`` appliances before
     anything starts (bad input: one-line errors, status 125)."""
     mem = parse_size(args.mem or "256M")
     timeout = parse_seconds(args.timeout) if args.timeout else None
     boot_timeout = parse_seconds(args.boot_timeout or boot_default,
                                  "--boot-timeout")
-    kern = kernel.find_kernel(args.kernel)
+    kern = kernel.find_kernel(args.kernel, needs)
     choice = parse_image_arg(args.image, args.mpi or "openmpi")
     image = check_image(choice.base)
     if choice.cow:
@@ -175,7 +176,19 @@ def prepare_common(args, environ, *, count=1, boot_default=60.0):
     check_memdir(mem * count, environ)
     check_max_map_count(mem)
     return Prepared(mem, timeout, boot_timeout, kern, image, choice.cow,
-                    changes, jobdir)
+                    changes, jobdir, seccomp_args(kern, args.seccomp))
+
+
+def seccomp_args(kern, mode):
+    """UML's ``seccomp=`` where the kernel has the mode (see --seccomp)."""
+    mode = mode or "auto"
+    if kern.has("seccomp"):
+        return (f"seccomp={mode}",)
+    if mode == "on":
+        raise ConfigError(f"--seccomp on: UML kernel {kern.version} has no "
+                          "seccomp mode", hint="build one with apppot-kernel "
+                          "build, or use --seccomp auto")
+    return ()
 
 
 def prepare(args, environ):
@@ -199,10 +212,10 @@ def guest_env(environ, interactive, extra):
     return env
 
 
-def uml_env(environ):
+def uml_env(environ, kern=None):
     """UML's own environment: where guest RAM lives, the xstate shim."""
     env = dict(environ)
-    shim = kernel.xstate_shim()
+    shim = kernel.xstate_shim(kern=kern)
     if shim:
         env["LD_PRELOAD"] = str(shim)
     return env
@@ -254,11 +267,12 @@ def run(args, environ=None):
             mem_bytes=plan.mem, image=plan.image,
             cow=plan.cow or rundir / "root.cow", control=control,
             notify=notify, channels=channels, hostfs=plan.jobdir,
-            net_args=net_args, net_fds=net_fds, quiet=args.verbose < 2)
+            net_args=net_args, net_fds=net_fds, quiet=args.verbose < 2,
+            extra_args=plan.kernel_args)
         log.info("kernel %s (%s), image %s, mem %d MiB, run dir %s",
                  spec.kernel, plan.kernel.version, spec.image,
                  spec.mem_bytes >> 20, rundir)
-        app.start(spec, uml_env(environ), stdin_fd=0,
+        app.start(spec, uml_env(environ, plan.kernel), stdin_fd=0,
                   interactive=interactive)
         relay = None
         if interactive:
