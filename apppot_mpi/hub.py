@@ -131,13 +131,13 @@ class Hub:
         if len(data) < n + TAG + 14 or bytes(data[:4]) != MAGIC:
             self.stats["forged"] += 1
             return
-        if data[4] == self.node:
-            return  # our own, looped back
         frame = data[n + TAG:]
         if not hmac.compare_digest(bytes(data[n:n + TAG]), tag(
                 self.key, bytes(data[:n]), frame)):
             self.stats["forged"] += 1
             return
+        if data[4] == self.node:
+            return  # our own (multicast loop is off; this is defensive)
         self.stats["net_in"] += 1
         self.forward(frame, NET)
 

@@ -108,7 +108,7 @@ def measure(acct, ranks, touch, venv_bin, mem):
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             rss, pss, uss = rss + info.rss, pss + info.pss, uss + info.uss
-            umls += p.name() == "linux.uml"
+            umls += any(a.startswith("uml_dir=") for a in p.cmdline())
         subprocess.run(["scancel", job], env=env, check=False)
         deadline = time.monotonic() + 60
         while subprocess.run(["squeue", "-h", "-j", job], env=env,

@@ -3,8 +3,9 @@
 Every figure is taken in the same run in up to three places:
 ``native-shm`` (the host's mpirun, shared memory), ``native-tcp`` (the host's
 mpirun over TCP loopback) and ``appliance`` (apppot-mpirun, one appliance per
-rank).  Host and appliances use the same stack: Debian 12's Open MPI 4.1.4
-and python3-mpi4py 3.1.4.
+rank, with the kernel and LAN it picks; ``benchmarks.modes`` compares the
+kernels, LANs and ranks per appliance).  Host and appliances use the same
+stack: Debian 12's Open MPI 4.1.4 and python3-mpi4py 3.1.4.
 """
 
 import json
@@ -46,9 +47,9 @@ def tool(name):
 
 def mpi_command(env, n, argv):
     """argv running ``argv`` (a Python program and args) on ``n`` ranks."""
-    if env == "appliance":
-        return [tool("apppot-mpirun"), "-n", str(n), "--oversubscribe",
-                "python3", *argv]
+    if env == "appliance":  # the user's original design (see modes.py)
+        return [tool("apppot-mpirun"), "--per", "rank", "-n", str(n),
+                "--oversubscribe", "python3", *argv]
     btl = "vader,self" if env == "native-shm" else "tcp,self"
     return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(n),
             "--mca", "btl", btl, "--mca", "pml", "ob1", HOST_PYTHON, *argv]
@@ -176,7 +177,7 @@ def _pss_by_rank(env, before):
         groups = {}
         for p in procs:
             cmd = p.info["cmdline"] or []
-            if cmd and "linux.uml" in cmd[0]:
+            if any(a.startswith("uml_dir=") for a in cmd):
                 try:
                     groups.setdefault(os.getpgid(p.pid), []).append(p)
                 except ProcessLookupError:

@@ -54,6 +54,20 @@ def uml_kernel():
     return path
 
 
+@pytest.fixture(scope="session")
+def own_kernel():
+    """AppPot's own UML build (SMP, seccomp, no mcast): apppot-kernel build."""
+    from apppot.kernelbuild import built_kernels
+
+    found = built_kernels(apppot_home())
+    assert found, ("AppPot's kernel missing under "
+                   f"{apppot_home()}/kernels (build it: apppot-kernel build)")
+    return str(found[0][0])
+
+
+STOCK_KERNEL = "/usr/bin/linux.uml"  # Debian 12's UML 6.1 (mcast, no SMP)
+
+
 @pytest.fixture
 def jobdir():
     """A job dir any test user can write (pytest's tmp_path is 0700 root)."""
@@ -92,13 +106,18 @@ def nobody():
     return NOBODY
 
 
+def is_uml(cmdline):
+    """A UML kernel process (any build: linux.uml, AppPot's own 'linux')."""
+    return any(a.startswith("uml_dir=") for a in cmdline or ())
+
+
 def _ours():
     """UML kernels, helpers, watchdogs, workers, netns holders running."""
     found = {}
     for p in psutil.process_iter(["pid", "name", "cmdline", "create_time"]):
         cmd = p.info["cmdline"] or []
         if p.info["name"] in ("linux.uml", "libslirp-helper", "diod") or (
-                cmd[:1] and "linux.uml" in cmd[0]) or "apppot.watchdog" in cmd \
+                is_uml(cmd)) or "apppot.watchdog" in cmd \
                 or "apppot_mpi.worker" in cmd or "apppot_mpi.hub" in cmd \
                 or cmd == ["sleep", "infinity"]:
             found[p.info["pid"]] = (p.info["create_time"], " ".join(cmd)[:120])

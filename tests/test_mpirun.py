@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import as_user, tool
+from conftest import as_user, is_uml, tool
 
 pytestmark = pytest.mark.uml
 
@@ -46,8 +46,8 @@ def rows(stdout):
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_openmpi_allreduce(jobdir, nobody, image, n):
-    r = mpirun(["-n", str(n), "python3", "-c", ALLREDUCE], cwd=jobdir,
-               user=nobody)
+    r = mpirun(["--per", "rank", "-n", str(n), "python3", "-c", ALLREDUCE],
+               cwd=jobdir, user=nobody)
     assert r.returncode == 0, r.stderr
     out = rows(r.stdout)
     assert [row[0] for row in out] == list(range(n))
@@ -57,14 +57,39 @@ def test_openmpi_allreduce(jobdir, nobody, image, n):
     assert {row[5] for row in out} == {"Open"}
 
 
-def test_mpich_allreduce(jobdir, nobody, mpich_image):
-    r = mpirun(["--mpi", "mpich", "-n", "2", "python3", "-c", ALLREDUCE],
+@pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
+def test_ranks_share_one_smp_appliance(jobdir, nobody, image, mpich_image,
+                                       own_kernel, mpi):
+    r = mpirun(["--kernel", own_kernel, "--mpi", mpi, "--per", "node", "-v",
+                "-n", "4", "python3", "-c", ALLREDUCE + "; import os; "
+                "print('cpus', os.cpu_count()) if c.rank == 0 else None"],
                cwd=jobdir, user=nobody)
+    assert r.returncode == 0, r.stderr
+    out = rows(r.stdout)
+    assert [(row[0], row[1], row[4]) for row in out] == [
+        (i, 4, 10) for i in range(4)]
+    assert {row[2] for row in out} == {"r0"}  # one appliance
+    assert b"1 appliance, 4 ranks each" in r.stderr
+    ncpus = min(4, os.cpu_count())
+    assert f"cpus {ncpus}".encode() in r.stdout  # vCPUs up to the cores
+
+
+def test_mpich_allreduce(jobdir, nobody, mpich_image):
+    r = mpirun(["--mpi", "mpich", "--per", "rank", "-n", "2", "python3", "-c",
+                ALLREDUCE], cwd=jobdir, user=nobody)
     assert r.returncode == 0, r.stderr
     out = rows(r.stdout)
     assert [(row[0], row[4], row[5]) for row in out] == [(0, 3, "MPICH"),
                                                           (1, 3, "MPICH")]
     assert out[0][3] != out[1][3]
+
+
+def test_legacy_mcast_transport(jobdir, nobody, image):
+    r = mpirun([*MCAST, "-v", "-n", "2", "python3", "-c", ALLREDUCE],
+               cwd=jobdir, user=nobody)
+    assert r.returncode == 0, r.stderr
+    assert [row[4] for row in rows(r.stdout)] == [3, 3]
+    assert b"LAN transport mcast" in r.stderr
 
 
 def test_as_root_without_user_namespace(jobdir, image):
@@ -104,14 +129,15 @@ def test_crashing_rank_tears_down_the_job(jobdir, nobody, image):
 def _uml_of_rank(rank, launcher_pid):
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if cmd and "linux.uml" in cmd[0] and f"umid=r{rank}" in cmd:
+        if is_uml(cmd) and f"umid=r{rank}" in cmd:
             return p
     return None
 
 
 def test_dead_appliance_tears_down_the_job(jobdir, image):
-    p = subprocess.Popen([tool("apppot-mpirun"), "-n", "2", "python3", "-c",
-                          "import time; time.sleep(300)"], cwd=jobdir,
+    p = subprocess.Popen([tool("apppot-mpirun"), "--per", "rank", "-n", "2",
+                          "python3", "-c", "import time; time.sleep(300)"],
+                         cwd=jobdir,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     try:
@@ -177,7 +203,8 @@ def test_mpirun_options(jobdir, nobody, image):
     lines = sorted(r.stdout.decode().splitlines())
     assert lines == ["[1,0]<stdout>:rank0 bar baz 1000",
                      "[1,1]<stdout>:rank1 bar baz 0"]
-    r = mpirun(["-n", "2", "--log-dir", "logs", "--output-filename", "out",
+    r = mpirun(["-n", "2", "--per", "rank", "--log-dir", "logs",
+                "--output-filename", "out",
                 "python3", "-c",
                 "from mpi4py import MPI; print('hi from', MPI.COMM_WORLD.rank)"],
                cwd=jobdir, user=nobody)
@@ -195,8 +222,8 @@ def test_bad_input_errors(jobdir, nobody, image):
     assert r.returncode == 125 and b"no MPI program" in r.stderr
     r = mpirun(["-H", "a,,b", "-n", "1", "true"], cwd=jobdir, user=nobody)
     assert r.returncode == 125 and b"-H" in r.stderr and b"hint:" in r.stderr
-    r = mpirun(["--subnet", "10.0.0.0/30", "-n", "4", "true"], cwd=jobdir,
-               user=nobody)
+    r = mpirun(["--subnet", "10.0.0.0/30", "--per", "rank", "-n", "4",
+                "true"], cwd=jobdir, user=nobody)
     assert r.returncode == 125 and b"no room" in r.stderr
     r = mpirun(["-n", "2", "--hostfile", "missing", "true"], cwd=jobdir,
                user=nobody)
@@ -301,7 +328,8 @@ c.Barrier()
 def test_agent_rejects_unauthenticated_requests(jobdir, nobody, image):
     script = jobdir / "forge.py"
     script.write_text(FORGE)
-    r = mpirun(["-n", "2", "python3", str(script)], cwd=jobdir, user=nobody)
+    r = mpirun(["--per", "rank", "-n", "2", "python3", str(script)],
+               cwd=jobdir, user=nobody)
     assert r.returncode == 0, r.stderr
     forged, good = json.loads(r.stdout)
     assert forged == ""  # connection closed, nothing sent back

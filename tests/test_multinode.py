@@ -4,13 +4,15 @@ a batch allocation naming them, and the ``netns`` remote start.
 """
 
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
 import pytest
-from conftest import tool
+from conftest import STOCK_KERNEL, is_uml, tool
 
 pytestmark = [pytest.mark.uml, pytest.mark.root]
 
@@ -91,23 +93,35 @@ def ranks(out):
     return sorted(line for line in out.splitlines() if line.startswith("rank"))
 
 
-@pytest.mark.parametrize("batch,mpi", [("sge", "openmpi"), ("slurm", "openmpi"),
-                                       ("sge", "mpich")])
+@pytest.mark.parametrize("batch,mpi,mode", [
+    ("sge", "openmpi", "hub"), ("slurm", "openmpi", "node"),
+    ("sge", "mpich", "hub"), ("sge", "openmpi", "mcast")])
 def test_four_ranks_split_over_two_nodes(cluster, image, mpich_image, jobdir,
-                                         batch, mpi):
+                                         own_kernel, batch, mpi, mode):
+    """hub: one appliance per rank, hubs joined across the nodes; node: one
+    SMP appliance per node (own kernel); mcast: the legacy transport."""
     (jobdir / "prog.py").write_text(PROG)
     env = sge_env(jobdir, cluster) if batch == "sge" else slurm_env(cluster)
+    opts = {"hub": ["--transport", "hub", "--per", "rank"],
+            "node": ["--kernel", own_kernel, "--per", "node"],
+            "mcast": ["--kernel", STOCK_KERNEL, "--transport", "mcast"]}[mode]
     t0 = time.monotonic()
-    p = mpirun(cluster, "node0", ["-v", "--mpi", mpi, "python3", "prog.py"],
-               env=env, cwd=jobdir)
+    p = mpirun(cluster, "node0", ["-v", "--mpi", mpi, *opts, "python3",
+                                  "prog.py"], env=env, cwd=jobdir)
     out, err = p.communicate(timeout=300)
     wall = time.monotonic() - t0
     assert p.returncode == 0, err
-    assert ranks(out) == [f"rank {i} of 4 on r{i} sum 10" for i in range(4)]
-    assert "nodes: node0: appliances 0,1; node1: appliances 2,3" in err
+    host = (lambda i: f"r{i // 2}") if mode == "node" else (lambda i: f"r{i}")
+    assert ranks(out) == [f"rank {i} of 4 on {host(i)} sum 10"
+                          for i in range(4)]
+    assert ("nodes: node0: appliances 0; node1: appliances 1" if mode ==
+            "node" else "nodes: node0: appliances 0,1; node1: appliances 2,3"
+            ) in err
+    if mode != "mcast":  # the hubs carried frames between the nodes
+        assert re.search(r"hub: frames_in \d+, .* net_in [1-9]", err), err
     assert "multicast probe: all 2 nodes hear each other" in err
     assert "ttl 1" in err
-    print(f"multi-node 4-rank job ({batch}, {mpi}): {wall:.2f} s wall")
+    print(f"multi-node 4-rank job ({batch}, {mpi}, {mode}): {wall:.2f} s")
     print([line for line in err.splitlines() if "probe" in line
            or "timings" in line])
 
@@ -140,7 +154,8 @@ def _worker_of(head):
 
 def test_killing_a_nodes_worker_ends_the_job(cluster, image, jobdir):
     (jobdir / "prog.py").write_text(PROG)
-    p = mpirun(cluster, "node0", ["-v", "python3", "prog.py", "hang"],
+    p = mpirun(cluster, "node0", ["-v", "--per", "rank", "python3", "prog.py",
+                                  "hang"],
                env=sge_env(jobdir, cluster), cwd=jobdir)
     deadline = time.monotonic() + 120
     while not (jobdir / "started").exists():
@@ -150,7 +165,7 @@ def test_killing_a_nodes_worker_ends_the_job(cluster, image, jobdir):
     worker = _worker_of(p.pid)
     assert worker is not None
     umls = [c for c in psutil.Process(worker.pid).children(recursive=True)
-            if c.name() == "linux.uml"]
+            if is_uml(c.cmdline())]
     assert umls  # node1's appliances run under its worker
     t_kill = time.monotonic()
     os.kill(worker.pid, signal.SIGKILL)
@@ -194,3 +209,54 @@ def test_job_dir_server_is_out_of_reach_of_the_hosts_loopback(user, nobody):
         sys.executable, "-c", HOLDER_CHECK], capture_output=True, text=True,
         cwd="/tmp", env=dict(os.environ, HOME="/tmp"), timeout=60, check=False)
     assert r.stdout.split() == ["closed", "True"], r.stderr
+
+
+FORGER = """\
+import socket, sys
+group, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+frame = b"\\xff" * 6 + bytes.fromhex("020000000099") + b"\\x08\\x06" + b"\\0" * 28
+for node in (0, 1, 7):  # a frame claiming each node, with a made-up tag
+    s.sendto(b"APHB" + bytes([node]) + b"\\0" * 16 + frame, (group, port))
+s.sendto(frame, (group, port))  # and a bare frame
+"""
+
+
+def test_hubs_drop_frames_without_the_jobs_key(cluster, image, jobdir):
+    """Anyone on the cluster network can reach the job's group; the hubs
+    deliver only frames tagged with the job's key."""
+    (jobdir / "forge.py").write_text(FORGER)
+    log = jobdir / "mpirun.err"
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "PE_", "PBS_", "LSB_", "JOB_ID"))}
+    full.update(sge_env(jobdir, cluster))
+    with open(log, "w") as err:
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", f"{cluster}node0", tool("apppot-mpirun"),
+             "--launcher", "netns", "-v", "--transport", "hub", "--per",
+             "rank", "--timeout", "60", "python3", "-c",
+             "from mpi4py import MPI; import os, time; c = MPI.COMM_WORLD; "
+             "c.Barrier(); open('started', 'w').close() if c.rank == 0 "
+             "else None; [time.sleep(0.1) for _ in range(100) "
+             "if not os.path.exists('forged')]; "
+             "print(c.rank, c.allreduce(c.rank + 1), flush=True)"],
+            env=full, cwd=jobdir, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=err, text=True)
+    deadline = time.monotonic() + 120
+    while not (jobdir / "started").exists():
+        assert p.poll() is None, log.read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    group, port = re.search(r"LAN group (\S+) port (\d+)",
+                            log.read_text()).groups()
+    subprocess.run(["ip", "netns", "exec", f"{cluster}node1", sys.executable,
+                    str(jobdir / "forge.py"), group, port], check=True,
+                   timeout=30)
+    (jobdir / "forged").touch()
+    out, _ = p.communicate(timeout=120)
+    err = log.read_text()
+    assert p.returncode == 0, err
+    assert sorted(out.split("\n")[:-1]) == ["0 10", "1 10", "2 10", "3 10"]
+    head = re.search(r"^apppot: hub: .*forged (\d+)", err, re.M)
+    assert head and int(head.group(1)) >= 4, err  # all caught at node0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import tool
+from conftest import is_uml, tool
 
 from apppot.config import apppot_home
 
@@ -93,15 +93,15 @@ def test_srun_one_launcher_per_step(slurm, image, jobdir):
 
 
 def _umls():
-    return {p.pid for p in psutil.process_iter(["name"])
-            if p.info["name"] == "linux.uml"
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if is_uml(p.info["cmdline"])
             and p.status() != psutil.STATUS_ZOMBIE}
 
 
 def test_scancel_leaves_nothing(slurm, image, jobdir):
     before = _umls()
-    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} python3 "
-                        "prog.py hang")
+    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} --per rank "
+                        "python3 prog.py hang")
     r = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", "out", "-e",
                         "err", "-D", str(jobdir), str(script)], env=slurm,
                        capture_output=True, text=True, timeout=60, check=True)
@@ -149,8 +149,8 @@ def slurm_cluster():
 def test_sbatch_over_two_nodes_uses_srun_to_start_the_workers(
         slurm_cluster, image, jobdir):
     env, on_node0 = slurm_cluster
-    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} -v python3 "
-                        "prog.py")
+    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} -v --per rank "
+                        "python3 prog.py")
     t0 = time.monotonic()
     r = subprocess.run([*on_node0, "sbatch", "--wait", "-N", "2", "-n", "4",
                         "-o", "out", "-e", "err", "-D", str(jobdir),
@@ -174,8 +174,8 @@ def test_scancel_of_a_two_node_job_leaves_nothing(slurm_cluster, image,
                                                   jobdir):
     env, on_node0 = slurm_cluster
     before = _umls()
-    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} python3 "
-                        "prog.py hang")
+    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} --per rank "
+                        "python3 prog.py hang")
     r = subprocess.run([*on_node0, "sbatch", "--parsable", "-N", "2", "-n",
                         "4", "-o", "out", "-e", "err", "-D", str(jobdir),
                         str(script)], env=env, capture_output=True, text=True,

@@ -44,7 +44,7 @@ def test_argv_not_visible_in_ps(jobdir, nobody, image):
         time.sleep(2.5)
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True,
                             text=True, check=True).stdout
-        uml_lines = [line for line in ps.splitlines() if "linux.uml" in line]
+        uml_lines = [line for line in ps.splitlines() if "uml_dir=" in line]
         assert uml_lines, "appliance not running"
         assert not any(secret in line for line in uml_lines)
     finally:

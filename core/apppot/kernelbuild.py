@@ -240,6 +240,9 @@ def build(series=DEFAULT_SERIES, jobs=None, force=False, home=None):
             shutil.rmtree(dest)
         os.replace(staging, dest)
         os.chmod(dest, 0o755)
+        for old in kernels_dir(home).glob(f"uml-{series}-*"):
+            if old != dest:  # an earlier configuration of this series
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"built {dest / 'linux'} ({loaded.version}) in "
