@@ -127,5 +127,6 @@ case "${1:-}" in
     up) up ;;
     down) down ;;
     munge) packages; munge_up "$2" ;;  # for slurm-sim-cluster.sh
+    stop) stop_pidfile "$2" ;;         # for slurm-sim-cluster.sh
     *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac

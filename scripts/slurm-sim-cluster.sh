@@ -85,24 +85,11 @@ EOC
     echo "SLURM_CONF=$D/slurm.conf"
 }
 
-stop_pidfile() {
-    if [ -s "$1" ]; then
-        pid=$(cat "$1")
-        kill "$pid" 2>/dev/null || true
-        i=0
-        while kill -0 "$pid" 2>/dev/null && [ $i -lt 50 ]; do
-            sleep 0.1; i=$((i + 1))
-        done
-        kill -9 "$pid" 2>/dev/null || true
-        rm -f "$1"
-    fi
-}
-
 down() {
-    stop_pidfile "$D/slurmd.node1.pid"
-    stop_pidfile "$D/slurmd.node0.pid"
-    stop_pidfile "$D/slurmctld.pid"
-    stop_pidfile "$D/munge/munged.pid"
+    for pidfile in "$D/slurmd.node1.pid" "$D/slurmd.node0.pid" \
+            "$D/slurmctld.pid" "$D/munge/munged.pid"; do
+        "$(dirname "$0")/slurm-local.sh" stop "$pidfile"
+    done
     for ns in "${P}node0" "${P}node1" "${P}switch"; do
         ip netns del "$ns" 2>/dev/null || true
     done

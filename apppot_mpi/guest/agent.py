@@ -129,14 +129,16 @@ def run_request(conn, cmd, config):
             except ProcessLookupError:
                 pass
 
-    pumps = [threading.Thread(target=pump, args=(proc.stdout, b"o")),
-             threading.Thread(target=pump, args=(proc.stderr, b"e"))]
+    pumps = [threading.Thread(target=pump, args=(proc.stdout, b"o"),
+                              daemon=True),
+             threading.Thread(target=pump, args=(proc.stderr, b"e"),
+                              daemon=True)]
     for t in pumps:
         t.start()
     threading.Thread(target=watch_client, daemon=True).start()
     status = proc.wait()
-    for t in pumps:
-        t.join()
+    for t in pumps:  # output the command left in its pipes; but a stray
+        t.join(2.0)  # descendant holding them must not hold up its status
     code = 128 - status if status < 0 else status
     try:
         send(b"x", str(code).encode())

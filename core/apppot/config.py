@@ -143,7 +143,6 @@ def cli_main(parser, options, run, argv=None):
     """The CLI boundary: parse, layer APPPOT_* defaults, run, and turn an
     AppPotError into ``<prog>: error: ...`` + ``hint: ...`` and its status."""
     import signal  # noqa: PLC0415
-    import sys  # noqa: PLC0415
 
     from .errors import AppPotError  # noqa: PLC0415
 
@@ -158,14 +157,21 @@ def cli_main(parser, options, run, argv=None):
     except AppPotError as e:
         if debug:
             raise
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        if e.details and logging.getLogger().isEnabledFor(logging.INFO):
-            print(e.details, file=sys.stderr)
-        return e.status
+        return report_error(parser.prog, e)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+
+
+def report_error(prog, e, status=None):
+    """``PROG: error: ...`` and ``hint: ...`` on stderr; the exit status."""
+    import sys  # noqa: PLC0415
+
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    if e.hint:
+        print(f"hint: {e.hint}", file=sys.stderr)
+    if e.details and logging.getLogger().isEnabledFor(logging.INFO):
+        print(e.details, file=sys.stderr)
+    return e.status if status is None else status
 
 
 def setup_logging(verbose, debug=False):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import __version__, kernel
 from .appliance import Appliance, write_control_disk
-from .config import apppot_home, common_cli, setup_logging
+from .config import apppot_home, common_cli, report_error, setup_logging
 from .errors import AppPotError, BuildError, ConfigError
 from .images import default_image
 from .spec import ApplianceSpec, GuestSpec
@@ -318,10 +318,7 @@ def main(argv=None):
     except AppPotError as e:
         if args.debug:
             raise
-        print(f"apppot-image: error: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        return 1
+        return report_error(parser.prog, e, status=1)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from . import kernel
-from .config import apppot_home, common_cli, setup_logging
+from .config import apppot_home, common_cli, report_error, setup_logging
 from .errors import AppPotError, BuildError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -285,10 +285,7 @@ def main(argv=None):
     except AppPotError as e:
         if args.debug:
             raise
-        print(f"apppot-kernel: error: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        return 1
+        return report_error(parser.prog, e, status=1)
 
 
 if __name__ == "__main__":
