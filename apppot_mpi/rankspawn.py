@@ -402,7 +402,7 @@ def run(args, environ=None):
             f"{h}: appliances {','.join(map(str, ix))}" for h, ix in placement),
             starter.name)
     log.info("LAN transport %s; %s", transport.name, lan.describe())
-    log.info("host file:\n%s", lan.hostfile(flavour).rstrip())
+    log.info("host file:\n%s", plans[0].guest.extra["mpi"]["hostfile"].rstrip())
     log.info("rank 0 runs: %s", shlex.join(launcher))
     cluster = worker.Cluster(placement, plans, settings, starter, lan,
                              environ) if multi else None
@@ -663,7 +663,10 @@ def _discard(_data):
 
 
 def report(apps, t0, t_end):
-    booted = [a.ready_at for a in apps[1:] if a.ready_at] or [t0]
+    # rank 0's appliance is "ready" only once all peers answer: its own
+    # boot is its mconsole coming up
+    booted = [t for t in [getattr(apps[0], "booted_at", None)] + [
+        a.ready_at for a in apps[1:]] if t] or [t0]
     ready0 = apps[0].ready_at or t_end
     log.info("timings: boot %.2f s (all appliances up), rank 0 launch at "
              "%.2f s, MPI run %.2f s, total %.2f s", max(booted) - t0,
