@@ -115,13 +115,18 @@ def test_lowest_failing_rank_status(jobdir, nobody, image, mpich_image, mpi):
     assert r.returncode == 5, r.stderr
 
 
-def test_crashing_rank_tears_down_the_job(jobdir, nobody, image):
+LANS = {"hub": [], "mcast": MCAST}  # teardown must not depend on the LAN
+
+
+@pytest.mark.parametrize("lan", LANS)
+def test_crashing_rank_tears_down_the_job(jobdir, nobody, image, lan):
     prog = ("from mpi4py import MPI; import os, time, signal; "
             "c = MPI.COMM_WORLD; c.Barrier(); "
             "os.kill(os.getpid(), signal.SIGKILL) if c.rank == 1 else "
             "time.sleep(300)")
     t0 = time.monotonic()
-    r = mpirun(["-n", "2", "python3", "-c", prog], cwd=jobdir, user=nobody)
+    r = mpirun([*LANS[lan], "-n", "2", "python3", "-c", prog], cwd=jobdir,
+               user=nobody)
     assert r.returncode != 0
     assert time.monotonic() - t0 < 60
 
@@ -134,8 +139,10 @@ def _uml_of_rank(rank, launcher_pid):
     return None
 
 
-def test_dead_appliance_tears_down_the_job(jobdir, image):
-    p = subprocess.Popen([tool("apppot-mpirun"), "--per", "rank", "-n", "2",
+@pytest.mark.parametrize("lan", LANS)
+def test_dead_appliance_tears_down_the_job(jobdir, image, lan):
+    p = subprocess.Popen([tool("apppot-mpirun"), *LANS[lan], "--per", "rank",
+                          "-n", "2",
                           "python3", "-c", "import time; time.sleep(300)"],
                          cwd=jobdir,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -179,12 +186,14 @@ def test_timeout(jobdir, nobody, image):
     assert time.monotonic() - t0 < 40
 
 
-@pytest.mark.parametrize("unprivileged", [True, False])
+@pytest.mark.parametrize("unprivileged,lan", [(True, "hub"), (False, "hub"),
+                                              (True, "mcast")])
 def test_sigkill_of_launcher_leaves_nothing(jobdir, nobody, image,
-                                            unprivileged):
+                                            unprivileged, lan):
     user = nobody if unprivileged else None
-    p = subprocess.Popen(as_user(user) + [tool("apppot-mpirun"), "-n", "2",
-                         "sleep", "300"], cwd=jobdir, stdin=subprocess.DEVNULL,
+    p = subprocess.Popen(as_user(user) + [tool("apppot-mpirun"), *LANS[lan],
+                         "--per", "rank", "-n", "2", "sleep", "300"],
+                         cwd=jobdir, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          env={**os.environ, "HOME": str(jobdir)})
     time.sleep(6)
