@@ -275,12 +275,15 @@ class HubProcess:
         r, _, _ = select.select([self], [], [], max(0.0, timeout))
         if r:
             try:
-                self._out += os.read(self.fileno(), 65536)
+                data = os.read(self.fileno(), 65536)
             except BlockingIOError:
-                pass
-            if self.proc.poll() is None:
-                import time
-                time.sleep(0.01)  # EOF without exit yet: do not spin
+                return False
+            self._out += data
+            if not data:  # EOF: the hub is exiting; let poll() see it
+                try:
+                    self.proc.wait(2)
+                except Exception:  # noqa: BLE001
+                    self.proc.kill()
         return bool(r)
 
     def result(self):

@@ -85,23 +85,27 @@ class Kernel:
         return tuple(int(x) for x in re.findall(r"\d+", self.version)[:3])
 
 
-def candidates(home=None):
-    """Usable kernels, best first: AppPot's own builds (newest first, see
-    apppot-kernel), then the distribution's linux.uml."""
+def _candidates(home=None):
+    """Usable kernels, best first, loaded one at a time: AppPot's own
+    builds (newest first, see apppot-kernel), then the distribution's."""
     from .kernelbuild import built_kernels  # noqa: PLC0415
 
     paths = [p for p, _ in built_kernels(home)]
     paths += [Path(shutil.which(c) or c) for c in DEFAULT_KERNELS]
-    found, seen = [], set()
+    seen = set()
     for p in paths:
         if not p.exists() or p.resolve() in seen:
             continue
         seen.add(p.resolve())
         try:
-            found.append(load_kernel(p.resolve()))
+            yield load_kernel(p.resolve())
         except KernelError as e:
             log.warning("skipping kernel %s: %s", p, e)
-    return found
+
+
+def candidates(home=None):
+    """All usable kernels, best first (``apppot-kernel list``)."""
+    return list(_candidates(home))
 
 
 def find_kernel(path=None, needs=()):
@@ -115,8 +119,9 @@ def find_kernel(path=None, needs=()):
         kern = load_kernel(Path(path).resolve())
         log.info("kernel: %s", kern.describe())
         return kern
-    found = candidates()
-    for kern in found:
+    found = False
+    for kern in _candidates():  # each costs two runs of the binary: stop early
+        found = True
         if all(kern.has(f) for f in needs):
             log.info("kernel: %s", kern.describe())
             return kern
