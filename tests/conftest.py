@@ -119,6 +119,8 @@ def _ours():
         if p.info["name"] in ("linux.uml", "libslirp-helper", "diod") or (
                 is_uml(cmd)) or "apppot.watchdog" in cmd \
                 or "apppot_mpi.worker" in cmd or "apppot_mpi.hub" in cmd \
+                or "apppot.start" in cmd \
+                or "apppot_mpi.orchestrator.cli" in cmd \
                 or cmd == ["sleep", "infinity"]:
             found[p.info["pid"]] = (p.info["create_time"], " ".join(cmd)[:120])
     return found

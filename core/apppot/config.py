@@ -67,9 +67,9 @@ APPLIANCE_OPTIONS = (
     Option("changes", ("--changes",),
            "merge this apppot-snap changes archive at boot"),
     Option("net", ("--net",),
-           "guest network: none, or slirp (user-mode NAT; the host is "
-           "10.0.2.2) (default: none)",
-           kwargs=(("choices", ("none", "slirp")),)),
+           "guest network: none; slirp (user-mode NAT; the host is "
+           "10.0.2.2); or tap:IFNAME:ADDR/PREFIX (an existing tap device, "
+           "e.g. on a bridge apppot-orchestrator made) (default: none)"),
     Option("boot_timeout", ("--boot-timeout",),
            "seconds allowed for booting (default: 60)"),
     Option("keep", ("--keep",), "keep the run directory (COW file, logs)",

@@ -9,12 +9,14 @@ and its exit status becomes apppot-start's.
 
 import argparse
 import grp
+import ipaddress
 import logging
 import os
 import pwd
 import select
 import shutil
 import signal
+import socket
 import sys
 import termios
 import threading
@@ -191,17 +193,69 @@ def seccomp_args(kern, mode):
     return ()
 
 
+@dataclass(frozen=True)
+class TapNet:
+    """``--net tap:IFNAME:ADDR/PREFIX``: the guest's eth0 on a tap device;
+    ``raw:IFNAME:ADDR/PREFIX``: on a host interface through a packet socket
+    (e.g. one end of a veth pair; needs CAP_NET_RAW).  The vector driver of
+    kernels 6.16+ oopses on tap (no multi-packet queues); raw works on both."""
+
+    kind: str
+    ifname: str
+    address: str
+
+    def uml_args(self):
+        return (f"vec0:transport={self.kind},ifname={self.ifname}",)
+
+    def guest_net(self):
+        return [{"device": "vec0", "name": "eth0", "address": self.address}]
+
+
+def parse_net(value):
+    """``none``, ``slirp`` or ``tap:IFNAME:ADDR/PREFIX`` (checked, pure)."""
+    value = value or "none"
+    if value in ("none", "slirp"):
+        return value
+    kind, _, rest = value.partition(":")
+    ifname, _, cidr = rest.partition(":")
+    hint = "use --net none, slirp, tap:IFNAME:ADDR/PREFIX or raw:IFNAME:..."
+    if kind not in ("tap", "raw") or not ifname or not cidr:
+        raise ConfigError(f"--net: cannot parse {value!r}", hint=hint)
+    if len(ifname) > 15 or not all(c.isalnum() or c in "-_." for c in ifname):
+        raise ConfigError(f"--net: bad interface name {ifname!r}",
+                          hint="at most 15 letters, digits, '-', '_', '.'")
+    try:
+        ipaddress.IPv4Interface(cidr)
+    except ValueError:
+        raise ConfigError(f"--net: bad address {cidr!r}",
+                          hint="give ADDR/PREFIX, e.g. 10.254.0.11/24") from None
+    if "/" not in cidr:
+        raise ConfigError(f"--net: address {cidr!r} has no prefix length",
+                          hint="give ADDR/PREFIX, e.g. 10.254.0.11/24")
+    return TapNet(kind, ifname, cidr)
+
+
 def prepare(args, environ):
-    """apppot-start's checks: the shared ones, slirp, --env."""
+    """apppot-start's checks: the shared ones, the network, --env."""
+    net = parse_net(args.net)
     common = prepare_common(args, environ)
-    slirp = None
-    if (args.net or "none") == "slirp":
+    link = None  # the libslirp-helper path, or a TapNet
+    if net == "slirp":
         common.kernel.require("vector")
-        slirp = shutil.which("libslirp-helper")
-        if not slirp:
+        link = shutil.which("libslirp-helper")
+        if not link:
             raise ConfigError("--net slirp: libslirp-helper is not installed",
                               hint="install Debian's libslirp-helper package")
-    return common, slirp, parse_env_args(args.env, environ)
+    elif isinstance(net, TapNet):
+        common.kernel.require("vector")
+        try:  # in this process's network namespace (/sys may show another)
+            socket.if_nametoindex(net.ifname)
+        except OSError:
+            raise ConfigError(f"--net: no network interface {net.ifname!r} "
+                              "here", hint="create it first: ip tuntap add dev "
+                              f"{net.ifname} mode tap user $USER") from None
+        link = net
+    return common, link, parse_env_args(args.env, environ)
 
 
 def guest_env(environ, interactive, extra):
@@ -223,7 +277,7 @@ def uml_env(environ, kern=None):
 
 def run(args, environ=None):
     environ = os.environ if environ is None else environ
-    plan, slirp, guest_vars = prepare(args, environ)
+    plan, link, guest_vars = prepare(args, environ)
     interactive = os.isatty(0) and os.isatty(1)
     uid, gid, user, group = caller_identity()
     argv = [os.fsencode(a) for a in args.prog]
@@ -253,8 +307,10 @@ def run(args, environ=None):
             tty.setraw(slave)
         channels = app.make_channels(interactive, slave)
         net_args, net_fds = (), ()
-        if slirp:
-            fd = app.start_slirp(slirp)
+        if isinstance(link, TapNet):
+            net_args, guest.net = link.uml_args(), link.guest_net()
+        elif link:
+            fd = app.start_slirp(link)
             net_fds = (fd,)
             net_args, guest.net = slirp_net(fd)
         write_control_disk(control, guest.to_json(), plan.changes)
