@@ -12,7 +12,7 @@ REPO=$(pwd)
 APT_PACKAGES="user-mode-linux mmdebstrap e2fsprogs libslirp-helper gcc libc6-dev
   python3 python3-venv python3-dev openmpi-bin libopenmpi-dev mpich
   libmpich-dev iproute2 util-linux procps tar gzip diod slurm-wlm munge
-  make bc bison flex xz-utils"
+  make bc bison flex xz-utils chromium chromium-driver curl"
 export APPPOT_HOME="${APPPOT_HOME:-/var/cache/apppot}"  # machine-wide images
 
 if [ "$(id -u)" != 0 ]; then
@@ -32,7 +32,8 @@ fi
 
 echo "== installing the project into .venv" >&2
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+.venv/bin/pip install -q --disable-pip-version-check \
+    -e '.[test,bench,orchestrator,browser]'
 
 mkdir -p "$APPPOT_HOME" && chmod 755 "$APPPOT_HOME"
 echo "== building AppPot's UML kernel from Debian's linux-source (cached)" >&2
@@ -41,6 +42,7 @@ echo "== building AppPot's UML kernel from Debian's linux-source (cached)" >&2
 echo "== building the appliance images (cached in $APPPOT_HOME)" >&2
 .venv/bin/apppot-image build --mpi openmpi
 .venv/bin/apppot-image build --mpi mpich
+.venv/bin/apppot-orchestrator image  # Open MPI + slurmd, for the orchestrator
 
 if [ "${1:-}" != "--no-demo" ]; then
     echo "== running a 4-rank MPI job, one appliance per rank" >&2

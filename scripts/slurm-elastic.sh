@@ -90,6 +90,11 @@ report() {
 }
 
 down() {
+    # nodes outlive the orchestrator (a restart adopts them): stop them
+    if [ -s "$D/orchestrator/orchestrator.json" ]; then
+        "$(dirname "$0")/../.venv/bin/apppot-orchestrator" shutdown \
+            --state-dir "$D/orchestrator" >/dev/null || true
+    fi
     "$(dirname "$0")/slurm-local.sh" stop "$D/slurmctld.pid"
     "$(dirname "$0")/slurm-local.sh" stop "$D/munge/munged.pid"
     ip netns del "$NS" 2>/dev/null || true

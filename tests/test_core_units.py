@@ -229,3 +229,23 @@ def test_real_kernel_config_is_read(uml_kernel):
     k = find_kernel(uml_kernel)
     assert k.has("hostfs") and k.has("mconsole") and k.has("mcast")
     assert k.version_tuple >= (6, 1)
+
+
+def test_parse_net_tap_and_raw_links():
+    from apppot.start import TapNet, parse_net
+
+    assert parse_net(None) == "none" and parse_net("slirp") == "slirp"
+    tap = parse_net("tap:apo1:10.254.0.11/24")
+    assert tap == TapNet("tap", "apo1", "10.254.0.11/24")
+    assert tap.uml_args() == ("vec0:transport=tap,ifname=apo1",)
+    assert tap.guest_net() == [{"device": "vec0", "name": "eth0",
+                                "address": "10.254.0.11/24"}]
+    assert parse_net("raw:veth-g:10.0.0.2/8").uml_args() == (
+        "vec0:transport=raw,ifname=veth-g",)
+    for bad, msg in (("tap:x", "cannot parse"), ("gre:a:1.2.3.4/8",
+                     "cannot parse"), ("tap:a,b:1.2.3.4/8", "interface name"),
+                     ("tap:abcdefghijklmnop:1.2.3.4/8", "interface name"),
+                     ("raw:a:1.2.3.400/8", "bad address"),
+                     ("raw:a:1.2.3.4", "no prefix")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_net(bad)

@@ -4,6 +4,7 @@ browser are in test_orchestrator_slurm.py and test_orchestrator_web.py.)"""
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -472,3 +473,35 @@ def test_simulation_startup_delay_is_in_seconds_and_reproducible():
     rows2, slow2 = sim.simulate(recs, Policy(ratio=0.5, idle_time=30),
                                 startup_delay=200, **kw)
     assert rows == rows2 and slow == slow2
+
+
+SAMPLE = Path(sim.__file__).parent / "samples" / "slurm-sacct.txt"
+
+
+def test_simulate_the_shipped_sacct_sample_reproducibly(tmp_path, capsys):
+    """The sample is a real Slurm run's sacct output (scripts/
+    make-sacct-sample.sh); the same inputs give the same outputs."""
+    from apppot_mpi.orchestrator.cli import main
+
+    records, skipped = sim.load_log(SAMPLE)
+    assert len(records) >= 50 and skipped >= 1
+    args = ["simulate", str(SAMPLE), "--own-nodes", "1", "--node-slots", "4",
+            "--max-nodes", "3", "--cycle", "10", "--startup-delay", "20",
+            "--idle-time", "60"]
+    outs = []
+    for run in ("a", "b"):
+        assert main([*args, "--out", str(tmp_path / run)]) == 0
+        outs.append({f: (tmp_path / run / f).read_text() for f in
+                     ("workload.csv", "summary.json")})
+    assert outs[0] == outs[1]
+    png = (tmp_path / "a" / "workload.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    head = outs[0]["workload.csv"].splitlines()[0].split(",")
+    assert head == ["time", "pending", "running", "starting", "ready", "idle",
+                    "nodes", "own_busy_slots", "cloud_busy_slots"]
+    s = json.loads(outs[0]["summary.json"])
+    assert s["jobs"] == len(records)
+    assert 0 < s["peak_nodes"] <= 3 and s["node_hours"] > 0
+    assert s["mean_wait_s"] < s["baseline_mean_wait_s"]
+    assert "mean_wait_s" in capsys.readouterr().out
+    assert main(["simulate", str(tmp_path / "nope.txt")]) == 125

@@ -135,7 +135,13 @@ FORMATS = {"sacct": parse_sacct, "sge": parse_sge_accounting}
 
 
 def load_log(path, fmt="auto"):
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read accounting log {str(path)!r}: "
+                          f"{getattr(e, 'strerror', None) or e}",
+                          hint="give sacct --parsable2 output or Grid "
+                          "Engine's accounting file") from None
     if fmt == "auto":
         first = text.lstrip().split("\n", 1)[0]
         fmt = "sacct" if first.startswith("JobID") else "sge"
@@ -307,7 +313,14 @@ def simulate(records, policy, *, own_nodes=1, slots=4, max_nodes=4,
                           hint="raise --node-slots, --own-nodes or "
                           "--max-nodes")
     rows, cloud_time, peak = [], 0.0, 0
+    # every job one after the other, plus slack: a run past this is stuck
+    give_up = records[-1].submit + sum(r.duration for r in records) + \
+        100 * (cycle + startup_delay) + 10 * getattr(policy, "idle_time", 3600.0)
     while True:
+        if t > give_up:
+            raise ConfigError("simulation did not finish: jobs never start",
+                              hint="the policy may never start a node while "
+                              "--own-nodes cannot run the jobs")
         cluster.advance(t)
         s = orch.step()
         alive = len(orch.alive_nodes())

@@ -193,6 +193,9 @@ def seccomp_args(kern, mode):
     return ()
 
 
+TAP_OOPS_FROM = (7, 0)  # 7.2 oopses in vector_net_open (no mmsg queues)
+
+
 @dataclass(frozen=True)
 class TapNet:
     """``--net tap:IFNAME:ADDR/PREFIX``: the guest's eth0 on a tap device;
@@ -248,6 +251,11 @@ def prepare(args, environ):
                               hint="install Debian's libslirp-helper package")
     elif isinstance(net, TapNet):
         common.kernel.require("vector")
+        if net.kind == "tap" and common.kernel.version_tuple >= TAP_OOPS_FROM:
+            raise ConfigError(f"--net tap: UML {common.kernel.version}'s "
+                              "vector driver crashes on tap devices",
+                              hint="use raw:IFNAME:ADDR with one end of a veth "
+                              "pair, or --kernel /usr/bin/linux.uml")
         try:  # in this process's network namespace (/sys may show another)
             socket.if_nametoindex(net.ifname)
         except OSError:
