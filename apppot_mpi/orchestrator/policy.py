@@ -53,9 +53,12 @@ class Policy:
         return node.idle_for(self.orch.now) > self.idle_time
 
     def describe(self):
-        return (f"{type(self).__name__}(start while candidates > "
-                f"{self.ratio:g} x nodes; stop after {self.idle_time:g} s "
-                "idle)")
+        cls = type(self)
+        if cls is Policy:
+            return (f"Policy(start while candidates > {self.ratio:g} x nodes;"
+                    f" stop after {self.idle_time:g} s idle)")
+        doc = (cls.__doc__ or "").strip().split("\n")[0]
+        return f"{cls.__name__}({doc.rstrip('.') or 'custom'})"
 
 
 def load_policy(spec, **kwargs):

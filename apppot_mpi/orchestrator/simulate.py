@@ -408,6 +408,7 @@ def run_and_report(log_path, policy, out_dir, *, fmt="auto", **kwargs):
     base_rows, base = simulate(records, NoBurst(), **kwargs)
     summary["skipped_never_started"] = skipped
     summary["baseline_mean_wait_s"] = base["mean_wait_s"]
+    summary["baseline_max_wait_s"] = base["max_wait_s"]
     summary["baseline_makespan_s"] = base["makespan_s"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
