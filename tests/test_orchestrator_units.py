@@ -505,3 +505,13 @@ def test_simulate_the_shipped_sacct_sample_reproducibly(tmp_path, capsys):
     assert s["mean_wait_s"] < s["baseline_mean_wait_s"]
     assert "mean_wait_s" in capsys.readouterr().out
     assert main(["simulate", str(tmp_path / "nope.txt")]) == 125
+
+
+def test_simulation_that_cannot_finish_says_so():
+    recs = records((0, 10, 1))
+    with pytest.raises(ConfigError, match="did not finish"):
+        sim.simulate(recs, sim.NoBurst(), own_nodes=0, slots=1, max_nodes=1,
+                     cycle=10, startup_delay=10)
+    with pytest.raises(ConfigError, match="needs 9 slots"):
+        sim.simulate(records((0, 10, 9)), Policy(), own_nodes=1, slots=4,
+                     max_nodes=1)
