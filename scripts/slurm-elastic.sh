@@ -48,16 +48,8 @@ NodeName=apppot-n$k NodeAddr=$NET.$((10 + k)) CPUs=1 RealMemory=200 State=DOWN R
 ClusterName=apppotelastic
 SlurmctldHost=$HOST($NET.1)
 SlurmctldParameters=enable_configless
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+$("$(dirname "$0")/slurm-local.sh" common-conf)
 JobAcctGatherType=jobacct_gather/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
 SlurmdTimeout=60
 SchedulerParameters=sched_interval=5
 StateSaveLocation=$D/state

@@ -49,6 +49,20 @@ munge_up() {  # munge_up DIR: start munged (pid file in DIR) unless one runs
     fi
 }
 
+common_conf() {  # slurm.conf lines every cluster of these scripts shares
+    cat <<EOC
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+EOC
+}
+
 up() {
     packages
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
@@ -66,18 +80,10 @@ up() {
     cat > "$CONF" <<EOF
 ClusterName=apppot
 SlurmctldHost=$HOST(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+$(common_conf)
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=task=1
 $params
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
 SlurmdParameters=config_overrides
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
@@ -128,5 +134,6 @@ case "${1:-}" in
     down) down ;;
     munge) packages; munge_up "$2" ;;  # for slurm-sim-cluster.sh
     stop) stop_pidfile "$2" ;;         # for slurm-sim-cluster.sh
+    common-conf) common_conf ;;        # for the other cluster scripts
     *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac

@@ -42,16 +42,8 @@ up() {
     cat > "$D/slurm.conf" <<EOC
 ClusterName=apppotsim
 SlurmctldHost=node0($NET.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+$("$(dirname "$0")/slurm-local.sh" common-conf)
 JobAcctGatherType=jobacct_gather/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
 SlurmdParameters=config_overrides
 StateSaveLocation=$D/state
 SlurmdSpoolDir=$D/spool/%n

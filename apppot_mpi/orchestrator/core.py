@@ -115,8 +115,6 @@ class Orchestrator:
         t0 = time.monotonic()
         now = self.clock()
         jobs = self.batch.jobs()
-        with self.lock:
-            names = [n.name for n in self.alive_nodes()]
         gone = self.provider.update(self._snapshot())  # nodeid → reason
         with self.lock:
             self.now = now
@@ -124,7 +122,7 @@ class Orchestrator:
             self.jobs = {j.jobid: j for j in jobs}
             self._collect_calls()
             self._vanished(gone)
-            self._account(elapsed, names)
+            self._account(elapsed)
             self.candidates = [j for j in jobs if j.state == PENDING
                                and self.policy.is_candidate(j)]
             self._join_ready()
@@ -212,7 +210,7 @@ class Orchestrator:
         self.decide(f"{self.failures} failed start(s) in a row; no new node "
                     f"for {hold:g} s")
 
-    def _account(self, elapsed, names):
+    def _account(self, elapsed):
         on = collections.defaultdict(list)
         for job in self.jobs.values():
             if job.state == RUNNING:
