@@ -515,3 +515,37 @@ def test_simulation_that_cannot_finish_says_so():
     with pytest.raises(ConfigError, match="needs 9 slots"):
         sim.simulate(records((0, 10, 9)), Policy(), own_nodes=1, slots=4,
                      max_nodes=1)
+
+
+def test_restart_reissues_a_stop_that_died_with_the_orchestrator(tmp_path):
+    o, b, p, c = make(tmp_path, max_nodes=1)
+    b.queue = pending(3)
+    o.step()
+    o.node_ready("n1", o.nodes["1"].token)
+    p.stop = lambda node: None  # the stop "hangs": nothing reported gone
+    b.queue = []
+    for _ in range(3):
+        c.t += 200
+        o.step()
+    assert o.nodes["1"].state == STOPPING
+    o2, b2, p2, c2 = make(tmp_path, max_nodes=1)
+    o2.step()
+    assert p2.stopped == ["n1"]  # stopped again after the restart
+    o2.step()
+    assert not o2.nodes
+
+
+def test_local_provider_adopts_a_start_the_checkpoint_missed(tmp_path):
+    from apppot_mpi.orchestrator.model import Node
+    from apppot_mpi.orchestrator.providers import LocalAppliances
+
+    (tmp_path / "nodes").mkdir()
+    prov = LocalAppliances.for_shutdown(tmp_path)
+    node = Node("7", "apppot-n2")
+    prov._record(node, {"pid": 4242, "since": 1.5})
+    restored = Node("7", "apppot-n2")  # from a checkpoint written before
+    other = Node("8", "apppot-n2")     # a later node of the same name
+    prov.adopt([restored, other])
+    assert restored.data == {"pid": 4242, "since": 1.5}
+    assert other.data == {}
+    assert prov._gone(restored) == "appliance exited"  # no such process

@@ -181,6 +181,7 @@ class Orchestrator:
             elif err is not None:  # a failed stop is retried: never pay on
                 node.reason = f"stop failed: {err}"
                 node.data["stop_tries"] = node.data.get("stop_tries", 0) + 1
+                node.data["stop_again"] = True
                 self.decide(f"{node.name}: stop failed ({err}); will retry")
 
     def _vanished(self, gone):
@@ -302,7 +303,8 @@ class Orchestrator:
                                      "apppot-orchestrator")
                 self._call("stop", node, self.provider.stop)
         for node in self.by_state(STOPPING):  # retry failed stops
-            if node.nodeid not in self._calls and node.data.get("stop_tries"):
+            if node.nodeid not in self._calls and node.data.pop("stop_again",
+                                                                 False):
                 self._call("stop", node, self.provider.stop)
 
     def _retire(self):
@@ -395,6 +397,8 @@ class Orchestrator:
         self.history.extend(Node.from_dict(d) for d in data["history"])
         self.decisions.extend(tuple(d) for d in data["decisions"])
         self.sample = data.get("sample", {})
+        for node in self.by_state(STOPPING):  # its stop died with us
+            node.data["stop_again"] = True
         self.provider.adopt(list(self.nodes.values()))
         self.decide(f"resumed from {self.state_file}: "
                     f"{len(self.alive_nodes())} nodes")

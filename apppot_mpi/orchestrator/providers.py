@@ -189,8 +189,31 @@ class LocalAppliances(Provider):
                                     stdout=out, stderr=out,
                                     start_new_session=True)
         self._procs[node.nodeid] = proc
-        return {"pid": proc.pid, "since": psutil.Process(proc.pid).create_time(),
-                "log": str(logf)}
+        return self._record(node, {
+            "pid": proc.pid, "since": psutil.Process(proc.pid).create_time(),
+            "log": str(logf)})
+
+    def _record(self, node, data):
+        """Note what was started before the orchestrator checkpoints it: if
+        it dies in between, ``adopt`` finds the appliance from this file."""
+        path = self.dir / "nodes" / f"{node.name}.started"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"nodeid": node.nodeid, **data}))
+        os.replace(tmp, path)
+        return data
+
+    def adopt(self, nodes):
+        for node in nodes:
+            if self.ID_KEY in node.data:
+                continue
+            try:
+                rec = json.loads((self.dir / "nodes" / f"{node.name}.started"
+                                  ).read_text())
+            except (OSError, ValueError):
+                continue
+            if rec.pop("nodeid") == node.nodeid:
+                node.data.update(rec)
+                log.info("%s: adopted from its start record", node.name)
 
     def _gone(self, node):
         """None while the node's appliance runs, else why it is gone."""
@@ -236,7 +259,9 @@ class LocalAppliances(Provider):
     def _cleanup(self, node):
         self._procs.pop(node.nodeid, None)
         ip("link", "del", self.links(node)[0], check=False)
-        (self.dir / "nodes" / f"{node.name}.json").unlink(missing_ok=True)
+        for suffix in (".json", ".started"):
+            (self.dir / "nodes" / f"{node.name}{suffix}").unlink(
+                missing_ok=True)
 
     def describe(self):
         return (f"local appliances ({self.image.name}, {self.mem}, bridge "
@@ -274,7 +299,7 @@ class BatchJobAppliances(LocalAppliances):
         out = batchmod.run(self.sbatch_argv(node, argv, cfg))
         jobid = out.strip().split(";")[0]
         log.info("%s: submitted as job %s", node.name, jobid)
-        return {"jobid": jobid}
+        return self._record(node, {"jobid": jobid})
 
     def _gone(self, node):
         jobid = node.data.get("jobid")
