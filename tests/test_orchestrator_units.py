@@ -549,3 +549,26 @@ def test_local_provider_adopts_a_start_the_checkpoint_missed(tmp_path):
     assert restored.data == {"pid": 4242, "since": 1.5}
     assert other.data == {}
     assert prov._gone(restored) == "appliance exited"  # no such process
+
+
+def test_policy_cycle_hooks_and_cli_errors(capsys):
+    from apppot_mpi.orchestrator.cli import main
+
+    calls = []
+
+    class Hooked(Policy):
+        def before_cycle(self):
+            calls.append(("before", self.orch.cycle))
+
+        def after_cycle(self):
+            calls.append(("after", self.orch.cycle))
+
+    o, b, p, c = make(policy=Hooked())
+    o.step()
+    o.step()
+    assert calls == [("before", 0), ("after", 0), ("before", 1), ("after", 1)]
+    assert main(["simulate", "x.txt", "--node-slots", "0"]) == 125
+    err = capsys.readouterr().err
+    assert "must be positive" in err and "hint:" in err
+    assert main(["status", "--state-dir", "/nonexistent"]) == 125
+    assert "no checkpoint" in capsys.readouterr().err

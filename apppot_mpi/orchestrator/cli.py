@@ -22,6 +22,7 @@ For anything else write a Python file and give --policy FILE[:CLASS]:
         def can_stop(self, node):         # idle READY nodes only
             return node.idle_for(self.orch.now) > 120
 
+Hooks before_cycle() and after_cycle() run around every cycle.
 The same policy runs unchanged in 'simulate' (simulated time and nodes).
 """
 
@@ -152,6 +153,8 @@ def build_parser():
     common_cli(r)
 
     s = sub.add_parser("simulate", help="replay an accounting log",
+                       formatter_class=fmt,
+                       epilog=__doc__.split("\n\n", 2)[2],
                        description="Replay a Slurm 'sacct --parsable2' log or "
                        "a Grid Engine accounting file through the policy; "
                        "writes workload.csv, workload.png and summary.json "

@@ -114,6 +114,7 @@ class Orchestrator:
     def step(self):
         t0 = time.monotonic()
         now = self.clock()
+        self.policy.before_cycle()
         jobs = self.batch.jobs()
         gone = self.provider.update(self._snapshot())  # nodeid → reason
         with self.lock:
@@ -130,6 +131,7 @@ class Orchestrator:
             self._starts()
             self._stops()
             self._retire()
+            self.policy.after_cycle()
             self.cycle += 1
             self.last_cycle_at = now
             self.last_cycle_seconds = time.monotonic() - t0

@@ -52,6 +52,12 @@ class Policy:
         """May this idle READY node be drained and stopped?"""
         return node.idle_for(self.orch.now) > self.idle_time
 
+    def before_cycle(self):
+        """Called at the start of every cycle (e.g. to read a config)."""
+
+    def after_cycle(self):
+        """Called at the end of every cycle, before the checkpoint."""
+
     def describe(self):
         cls = type(self)
         if cls is Policy:
