@@ -249,3 +249,27 @@ def test_parse_net_tap_and_raw_links():
                      ("raw:a:1.2.3.4", "no prefix")):
         with pytest.raises(ConfigError, match=msg):
             parse_net(bad)
+
+
+def test_machine_wide_kernel_builds_are_candidates_without_apppot_home(
+        tmp_path, monkeypatch):
+    """As for images: a user without $APPPOT_HOME gets the kernel
+    scripts/setup.sh built; with $APPPOT_HOME only their own builds."""
+    from apppot import images, kernel
+
+    build = tmp_path / "system" / "kernels" / "uml-9.9-x"
+    build.mkdir(parents=True)
+    (build / "build.json").write_text('{"version": "9.9.1"}')
+    (build / "linux").write_text("")  # never run: load_kernel is faked
+    monkeypatch.setattr(images, "SYSTEM_HOME", tmp_path / "system")
+    loaded = []
+    monkeypatch.setattr(kernel, "load_kernel", lambda p: loaded.append(p))
+    monkeypatch.delenv("APPPOT_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    list(kernel._candidates())
+    assert loaded[0] == (build / "linux").resolve()  # before the stock one
+    loaded.clear()
+    monkeypatch.setenv("APPPOT_HOME", str(tmp_path / "own"))
+    list(kernel._candidates())
+    assert (build / "linux").resolve() not in loaded and loaded
