@@ -263,7 +263,7 @@ def test_machine_wide_kernel_builds_are_candidates_without_apppot_home(
     (build / "linux").write_text("")  # never run: load_kernel is faked
     monkeypatch.setattr(images, "SYSTEM_HOME", tmp_path / "system")
     loaded = []
-    monkeypatch.setattr(kernel, "load_kernel", lambda p: loaded.append(p))
+    monkeypatch.setattr(kernel, "load_kernel", loaded.append)
     monkeypatch.delenv("APPPOT_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
