@@ -42,7 +42,7 @@ def test_argv_not_visible_in_ps(jobdir, nobody, image):
         stderr=subprocess.PIPE, env={**os.environ, "HOME": str(jobdir)})
     try:
         time.sleep(2.5)
-        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True,
+        ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True,
                             text=True, check=True).stdout
         uml_lines = [line for line in ps.splitlines() if "uml_dir=" in line]
         assert uml_lines, "appliance not running"
