@@ -232,11 +232,11 @@ def test_real_kernel_config_is_read(uml_kernel):
 
 
 def test_parse_net_tap_and_raw_links():
-    from apppot.start import TapNet, parse_net
+    from apppot.start import HostLink, parse_net
 
     assert parse_net(None) == "none" and parse_net("slirp") == "slirp"
     tap = parse_net("tap:apo1:10.254.0.11/24")
-    assert tap == TapNet("tap", "apo1", "10.254.0.11/24")
+    assert tap == HostLink("tap", "apo1", "10.254.0.11/24")
     assert tap.uml_args() == ("vec0:transport=tap,ifname=apo1",)
     assert tap.guest_net() == [{"device": "vec0", "name": "eth0",
                                 "address": "10.254.0.11/24"}]

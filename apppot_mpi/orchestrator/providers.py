@@ -24,9 +24,8 @@ from pathlib import Path
 
 import psutil
 
-from apppot.config import apppot_home
 from apppot.errors import ConfigError
-from apppot.images import SYSTEM_HOME
+from apppot.images import cached_path
 
 from . import batch as batchmod
 
@@ -84,15 +83,8 @@ def bridge_network(bridge):
 
 
 def node_image(environ=None):
-    """Where ``apppot-orchestrator image`` puts the node image (falling
-    back to the machine-wide cache, as apppot.images does)."""
-    environ = os.environ if environ is None else environ
-    name = Path("images") / "apppot-slurm-node.img"
-    own = apppot_home(environ) / name
-    if environ.get("APPPOT_HOME") or own.exists() or \
-            not (SYSTEM_HOME / name).exists():
-        return own
-    return SYSTEM_HOME / name
+    """Where ``apppot-orchestrator image`` puts the node image."""
+    return cached_path(Path("images") / "apppot-slurm-node.img", environ)
 
 
 @register

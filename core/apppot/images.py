@@ -33,6 +33,13 @@ def default_image(mpi="openmpi", home=None, environ=None):
     name = Path("images") / f"apppot-{mpi}.img"
     if home is not None:
         return Path(home) / name
+    return cached_path(name, environ)
+
+
+def cached_path(name, environ=None):
+    """``name`` under $APPPOT_HOME; without it, the user's own cache if it
+    has the file, else the machine-wide one scripts/setup.sh fills (if that
+    has it)."""
     environ = os.environ if environ is None else environ
     own = apppot_home(environ) / name
     if environ.get("APPPOT_HOME") or own.exists():

@@ -197,11 +197,12 @@ TAP_OOPS_FROM = (7, 0)  # 7.2 oopses in vector_net_open (no mmsg queues)
 
 
 @dataclass(frozen=True)
-class TapNet:
+class HostLink:
     """``--net tap:IFNAME:ADDR/PREFIX``: the guest's eth0 on a tap device;
     ``raw:IFNAME:ADDR/PREFIX``: on a host interface through a packet socket
-    (e.g. one end of a veth pair; needs CAP_NET_RAW).  The vector driver of
-    kernels 6.16+ oopses on tap (no multi-packet queues); raw works on both."""
+    (e.g. one end of a veth pair; needs CAP_NET_RAW).  AppPot's 7.2 kernel
+    oopses on tap (no multi-packet queues; see TAP_OOPS_FROM); raw works on
+    6.1 and 7.2."""
 
     kind: str
     ifname: str
@@ -215,7 +216,8 @@ class TapNet:
 
 
 def parse_net(value):
-    """``none``, ``slirp`` or ``tap:IFNAME:ADDR/PREFIX`` (checked, pure)."""
+    """``none``, ``slirp``, ``tap:IFNAME:ADDR/PREFIX`` or
+    ``raw:IFNAME:ADDR/PREFIX`` (checked, pure)."""
     value = value or "none"
     if value in ("none", "slirp"):
         return value
@@ -235,21 +237,21 @@ def parse_net(value):
     if "/" not in cidr:
         raise ConfigError(f"--net: address {cidr!r} has no prefix length",
                           hint="give ADDR/PREFIX, e.g. 10.254.0.11/24")
-    return TapNet(kind, ifname, cidr)
+    return HostLink(kind, ifname, cidr)
 
 
 def prepare(args, environ):
     """apppot-start's checks: the shared ones, the network, --env."""
     net = parse_net(args.net)
     common = prepare_common(args, environ)
-    link = None  # the libslirp-helper path, or a TapNet
+    link = None  # the libslirp-helper path, or a HostLink
     if net == "slirp":
         common.kernel.require("vector")
         link = shutil.which("libslirp-helper")
         if not link:
             raise ConfigError("--net slirp: libslirp-helper is not installed",
                               hint="install Debian's libslirp-helper package")
-    elif isinstance(net, TapNet):
+    elif isinstance(net, HostLink):
         common.kernel.require("vector")
         if net.kind == "tap" and common.kernel.version_tuple >= TAP_OOPS_FROM:
             raise ConfigError(f"--net tap: UML {common.kernel.version}'s "
@@ -315,7 +317,7 @@ def run(args, environ=None):
             tty.setraw(slave)
         channels = app.make_channels(interactive, slave)
         net_args, net_fds = (), ()
-        if isinstance(link, TapNet):
+        if isinstance(link, HostLink):
             net_args, guest.net = link.uml_args(), link.guest_net()
         elif link:
             fd = app.start_slirp(link)
