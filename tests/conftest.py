@@ -7,7 +7,9 @@ built beforehand by ``apppot-image build``.
 
 import os
 import pwd
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,6 +85,40 @@ def as_user(user):
         return []
     return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
             "--clear-groups", "--"]
+
+
+def finish(proc, timeout, input=None):
+    """``proc.communicate()`` that, when the job overruns ``timeout``, stops it
+    the way a user would (SIGINT: apppot's teardown runs and says what it
+    saw) and fails the test with the job's output, instead of leaving it
+    running or killing it silently."""
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        out, err = (b if isinstance(b, str) else b.decode(errors="replace")
+                    for b in (out, err))
+        pytest.fail(f"{shlex.join(map(str, proc.args))} overran {timeout} s; "
+                    f"stdout:\n{out[-3000:]}\nstderr:\n{err[-6000:]}",
+                    pytrace=False)
+    return out, err
+
+
+def run_job(argv, *, timeout, input=None, **kw):
+    """subprocess.run(argv, capture_output=True) with ``finish``'s timeout."""
+    if input is None:
+        kw.setdefault("stdin", subprocess.DEVNULL)
+    else:
+        kw["stdin"] = subprocess.PIPE
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)
+    out, err = finish(proc, timeout, input)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def start(args, *, cwd, user=None, input=None, stdin=None, timeout=120,

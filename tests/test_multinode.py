@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from conftest import STOCK_KERNEL, is_uml, tool
+from conftest import STOCK_KERNEL, finish, is_uml, tool
 
 pytestmark = [pytest.mark.uml, pytest.mark.root]
 
@@ -108,7 +108,7 @@ def test_four_ranks_split_over_two_nodes(cluster, image, mpich_image, jobdir,
     t0 = time.monotonic()
     p = mpirun(cluster, "node0", ["-v", "--mpi", mpi, *opts, "python3",
                                   "prog.py"], env=env, cwd=jobdir)
-    out, err = p.communicate(timeout=300)
+    out, err = finish(p, 300)
     wall = time.monotonic() - t0
     assert p.returncode == 0, err
     host = (lambda i: f"r{i // 2}") if mode == "node" else (lambda i: f"r{i}")
@@ -136,7 +136,7 @@ def test_probe_fails_when_multicast_is_not_forwarded(cluster, image, jobdir):
     before = set(os.listdir(jobdir))
     t0 = time.monotonic()
     p = mpirun(cluster, "node0", ["python3", "prog.py"], env=env, cwd=jobdir)
-    out, err = p.communicate(timeout=120)
+    out, err = finish(p, 120)
     assert p.returncode == 125, err
     assert "multicast does not reach between the nodes" in err
     assert "node1 did not hear node0" in err and "hint:" in err
@@ -169,7 +169,7 @@ def test_killing_a_nodes_worker_ends_the_job(cluster, image, jobdir):
     assert umls  # node1's appliances run under its worker
     t_kill = time.monotonic()
     os.kill(worker.pid, signal.SIGKILL)
-    out, err = p.communicate(timeout=60)
+    out, err = finish(p, 60)
     assert p.returncode == 121, err
     assert "node node1: worker exited" in err
     assert time.monotonic() - t_kill < 20
@@ -254,7 +254,7 @@ def test_hubs_drop_frames_without_the_jobs_key(cluster, image, jobdir):
                     str(jobdir / "forge.py"), group, port], check=True,
                    timeout=30)
     (jobdir / "forged").touch()
-    out, _ = p.communicate(timeout=120)
+    out, _ = finish(p, 120)
     err = log.read_text()
     assert p.returncode == 0, err
     assert sorted(out.split("\n")[:-1]) == ["0 10", "1 10", "2 10", "3 10"]

@@ -86,8 +86,8 @@ def extra_guest_files():
     if spec is None or not spec.submodule_search_locations:
         return []
     where = Path(next(iter(spec.submodule_search_locations)))
-    return sorted(p for p in list(where.glob("*.py")) + list(where.glob("*.sh"))
-                  if p.name != "__init__.py")
+    return sorted(p for p in [*where.glob("*.py"), *where.glob("*.sh"),
+                              *where.glob("*.c")] if p.name != "__init__.py")
 
 
 def image_inputs(rootfs_key, mpi):
@@ -148,6 +148,9 @@ def install_guest(root, mpi, wheel_dir):
         shutil.copy2(HERE / name, lib / name)
         os.chmod(lib / name, 0o755)
     for path in extra_guest_files():
+        if path.suffix == ".c":  # a preload library (host and guest: Debian 12)
+            compile_library(path, lib / f"{path.stem}.so")
+            continue
         name = path.stem if path.suffix == ".sh" else path.name
         shutil.copy2(path, lib / name)
         os.chmod(lib / name, 0o755)
@@ -183,6 +186,16 @@ def install_guest(root, mpi, wheel_dir):
             p.unlink()
     (root / "etc/machine-id").write_text("")
     (root / "etc/fstab").write_text("# mounts are made by apppot-init\n")
+
+
+def compile_library(source, out):
+    cc = shutil.which("cc")
+    if cc is None:
+        raise BuildError(f"no C compiler to build {source.name}",
+                         hint="apt-get install gcc libc6-dev")
+    run_cmd([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", out,
+             source])
+    os.chmod(out, 0o755)
 
 
 def fetch_wheel(dest):
