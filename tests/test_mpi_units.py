@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+import time
 
 import pytest
 
@@ -379,3 +381,29 @@ def test_dry_run_starts_nothing(tmp_path, capsys, monkeypatch, image):
     code = rankspawn.main(["--dry-run", "--kernel", "/usr/bin/linux.uml",
                            "--transport", "mcast", "-n", "2", "true"])
     assert "rank 1: eth0=mcast," in capsys.readouterr().out
+
+
+def test_agent_forwards_statuses_still_queued_when_stopped(tmp_path):
+    # init ends the launcher's appliance with SIGTERM as soon as the MPI
+    # launcher exits: statuses still in the FIFO must be forwarded first
+    from apppot_mpi.guest import agent
+    fifo = tmp_path / "status"
+    os.mkfifo(fifo)
+    got, stop = [], threading.Event()
+    t = threading.Thread(target=agent.report_statuses,
+                         args=(stop, str(fifo), got.append))
+    t.start()
+    time.sleep(0.1)  # the reporter is waiting in select
+    with open(fifo, "w") as w:
+        w.write("0 0\n")
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == ["apppot:rank 0 0"]  # forwarded as it comes
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(fd, b"2 9\nnoise\n1 5\n")  # the last ranks, then at once:
+    stop.set()
+    t.join(5)
+    os.close(fd)
+    assert not t.is_alive()
+    assert got == ["apppot:rank 0 0", "apppot:rank 2 9", "apppot:rank 1 5"]

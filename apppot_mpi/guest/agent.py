@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -49,28 +50,50 @@ def sign(secret, nonce, payload):
 
 
 # ------------------------------------------------------------------ server
-def report_statuses(fifo="/run/apppot/mpi/status"):
+def notify(message):
+    with open("/proc/mconsole", "w") as f:
+        f.write(message)
+
+
+def report_statuses(stop, fifo="/run/apppot/mpi/status", forward=notify):
     """Forward each rank's exit status ("RANK CODE" lines that rankwrap
     writes into a FIFO) to the launcher; only root may write /proc/mconsole.
-    Opened read-write, so writers never block and there is never an EOF."""
-    fd = os.open(fifo, os.O_RDWR)
+    Opened read-write, so writers never block and there is never an EOF.
+    Once ``stop`` is set (init ends the appliance with SIGTERM when the
+    launcher is done) it forwards what is still in the FIFO, then returns:
+    the last ranks' statuses must not die with the appliance."""
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
     buf = b""
-    while chunk := os.read(fd, 4096):
-        buf += chunk
+    while True:
+        stopping = stop.is_set()
+        if stopping or select.select([fd], [], [], 0.2)[0]:
+            try:
+                while chunk := os.read(fd, 4096):
+                    buf += chunk
+            except BlockingIOError:
+                pass
         *lines, buf = buf.split(b"\n")
         for line in lines:
             try:
                 rank, code = (int(x) for x in line.split())
-                with open("/proc/mconsole", "w") as f:
-                    f.write(f"apppot:rank {rank} {code}")
+                forward(f"apppot:rank {rank} {code}")
             except (OSError, ValueError):
                 continue
+        if stopping:
+            return
 
 
 def serve(config):
-    threading.Thread(target=report_statuses, daemon=True).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     secret = bytes.fromhex(config["secret"])
     srv = socket.create_server((config["ip"], PORT), backlog=64)
+    threading.Thread(target=accept_loop, args=(srv, secret, config),
+                     daemon=True).start()
+    report_statuses(stop)  # in the main thread, where SIGTERM lands
+
+
+def accept_loop(srv, secret, config):
     while True:
         conn, _ = srv.accept()
         threading.Thread(target=handle, args=(conn, secret, config),
