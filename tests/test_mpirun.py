@@ -99,8 +99,8 @@ def test_as_root_without_user_namespace(jobdir, image):
 @pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
 def test_lowest_failing_rank_status(jobdir, nobody, image, mpich_image, mpi):
     # ranks 1 and 2 fail together, rank 2 with the larger status; the
-    # image's mpirun reports the failure it notices first (Open MPI) or the
-    # maximum (MPICH); ours is the lowest failing rank's, 5
+    # image's mpirun reports the failure it notices first (Open MPI) or
+    # the bitwise OR, 13 (Hydra); ours is the lowest failing rank's, 5
     prog = ("from mpi4py import MPI; import sys; "
             "r = MPI.COMM_WORLD.rank; MPI.COMM_WORLD.Barrier(); "
             "sys.exit({1: 5, 2: 9}.get(r, 0))")
