@@ -109,13 +109,14 @@ def finish(proc, timeout, input=None):
     return out, err
 
 
-def run_job(argv, *, timeout, input=None, **kw):
-    """subprocess.run(argv, capture_output=True) with ``finish``'s timeout."""
-    if input is None:
-        kw.setdefault("stdin", subprocess.DEVNULL)
-    else:
-        kw["stdin"] = subprocess.PIPE
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
+def run_job(argv, *, timeout, input=None, stdin=None, **kw):
+    """subprocess.run(argv, capture_output=True) with ``finish``'s timeout;
+    stdin is ``input``, else ``stdin``, else /dev/null."""
+    if input is not None:
+        stdin = subprocess.PIPE
+    elif stdin is None:
+        stdin = subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **kw)
     out, err = finish(proc, timeout, input)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -130,11 +131,8 @@ def start(args, *, cwd, user=None, input=None, stdin=None, timeout=120,
         full_env["HOME"] = str(cwd)
     full_env.update(env or {})
     argv = as_user(user) + [tool("apppot-start"), *args]
-    if input is None and stdin is None:
-        stdin = subprocess.DEVNULL
-    return subprocess.run(argv, cwd=cwd, input=input, stdin=stdin,
-                          capture_output=True, timeout=timeout, env=full_env,
-                          check=False)
+    return run_job(argv, cwd=cwd, input=input, stdin=stdin, timeout=timeout,
+                   env=full_env)
 
 
 @pytest.fixture

@@ -96,21 +96,19 @@ def test_as_root_without_user_namespace(jobdir, image):
     assert [row[4] for row in rows(r.stdout)] == [3, 3]
 
 
+# ranks 1 and 2 fail together right after a barrier, 2 with the larger status
+FAIL_TOGETHER = ("from mpi4py import MPI; import sys; "
+                 "r = MPI.COMM_WORLD.rank; MPI.COMM_WORLD.Barrier(); "
+                 "sys.exit({1: 5, 2: 9}.get(r, 0))")
+
+
 @pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
 def test_lowest_failing_rank_status(jobdir, nobody, image, mpich_image, mpi):
-    # ranks 1 and 2 fail together, rank 2 with the larger status; the
-    # image's mpirun reports the failure it notices first (Open MPI) or
+    # the image's mpirun reports the failure it notices first (Open MPI) or
     # the bitwise OR, 13 (Hydra); ours is the lowest failing rank's, 5
-    prog = ("from mpi4py import MPI; import sys; "
-            "r = MPI.COMM_WORLD.rank; MPI.COMM_WORLD.Barrier(); "
-            "sys.exit({1: 5, 2: 9}.get(r, 0))")
-    r = mpirun(["--mpi", mpi, "-n", "3", "python3", "-c", prog], cwd=jobdir,
-               user=nobody)
+    r = mpirun(["--mpi", mpi, "-n", "3", "python3", "-c", FAIL_TOGETHER],
+               cwd=jobdir, user=nobody)
     assert r.returncode == 5, r.stderr
-
-
-MAPS = ("from mpi4py import MPI; c = MPI.COMM_WORLD; c.Barrier(); "
-        "print(c.rank, 'mpich_finalize.so' in open('/proc/self/maps').read())")
 
 
 @pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
@@ -119,8 +117,10 @@ def test_mpich_finalize_fix_is_preloaded(jobdir, nobody, image, mpich_image,
     # MPICH 4.0.2's finalize can deadlock (apppot_mpi/guest/mpich_finalize.c);
     # rankwrap preloads the fix into MPICH ranks only, keeping the user's
     r = mpirun(["--mpi", mpi, "-n", "2", "-x", "LD_PRELOAD=libm.so.6",
-                "python3", "-c", MAPS + "; import os; "
-                "print('preload', os.environ.get('LD_PRELOAD'))"],
+                "python3", "-c", "from mpi4py import MPI; import os; "
+                "print(MPI.COMM_WORLD.rank, 'mpich_finalize.so' in "
+                "open('/proc/self/maps').read()); "
+                "print('preload', os.environ['LD_PRELOAD'])"],
                cwd=jobdir, user=nobody)
     assert r.returncode == 0, r.stderr
     lines = sorted(r.stdout.decode().splitlines())
@@ -133,13 +133,10 @@ def test_mpich_finalize_fix_is_preloaded(jobdir, nobody, image, mpich_image,
 def test_mpich_ranks_finalize_together(jobdir, nobody, mpich_image):
     # one rank per appliance, all finalizing at once after a barrier: this
     # hung in MPI_Finalize in about one job in ten before the fix
-    prog = ("from mpi4py import MPI; import sys; "
-            "r = MPI.COMM_WORLD.rank; MPI.COMM_WORLD.Barrier(); "
-            "sys.exit({1: 5, 2: 9}.get(r, 0))")
     for _ in range(6):
         r = mpirun(["--mpi", "mpich", "--per", "rank", "--timeout", "60",
-                    "-n", "3", "python3", "-c", prog], cwd=jobdir,
-                   user=nobody)
+                    "-n", "3", "python3", "-c", FAIL_TOGETHER],
+                   cwd=jobdir, user=nobody)
         assert r.returncode == 5, r.stderr
 
 

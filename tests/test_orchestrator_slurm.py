@@ -162,15 +162,11 @@ def test_burst_starts_nodes_that_run_jobs_survives_restart_stops_idle(
         t_both = time.monotonic() - t0
         before = {n["nodeid"]: (n["name"], n["data"]["pid"])
                   for n in st["nodes"]}
-        shown = subprocess.run(
+        shown, as_json = (subprocess.run(
             [sys.executable, "-m", "apppot_mpi.orchestrator.cli", "status",
-             "--state-dir", str(state)], capture_output=True, text=True,
-            check=True).stdout
+             *flags, "--state-dir", str(state)], capture_output=True,
+            text=True, check=True).stdout for flags in ([], ["--json"]))
         assert "apppot-n1" in shown and "READY" in shown
-        as_json = subprocess.run(
-            [sys.executable, "-m", "apppot_mpi.orchestrator.cli", "status",
-             "--json", "--state-dir", str(state)], capture_output=True,
-            text=True, check=True).stdout
         assert all(n["token"] not in as_json + shown for n in st["nodes"])
         assert sorted(n for n, _ in before.values()) == ["apppot-n1",
                                                          "apppot-n2"]

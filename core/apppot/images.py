@@ -36,15 +36,21 @@ def default_image(mpi="openmpi", home=None, environ=None):
     return cached_path(name, environ)
 
 
-def cached_path(name, environ=None):
-    """``name`` under $APPPOT_HOME; without it, the user's own cache if it
-    has the file, else the machine-wide one scripts/setup.sh fills (if that
-    has it)."""
+def cache_homes(environ=None):
+    """Where cached builds are looked for, in order: $APPPOT_HOME alone if
+    set; else the user's own cache, then the machine-wide one that
+    scripts/setup.sh fills."""
     environ = os.environ if environ is None else environ
-    own = apppot_home(environ) / name
-    if environ.get("APPPOT_HOME") or own.exists():
-        return own
-    return SYSTEM_HOME / name if (SYSTEM_HOME / name).exists() else own
+    own = apppot_home(environ)
+    return [own] if environ.get("APPPOT_HOME") else [own, SYSTEM_HOME]
+
+
+def cached_path(name, environ=None):
+    """``name`` in the first of ``cache_homes`` that has it, else in the
+    first (where a build would put it)."""
+    homes = cache_homes(environ)
+    return next((h / name for h in homes if (h / name).exists()),
+                homes[0] / name)
 
 
 @dataclass(frozen=True)

@@ -90,12 +90,11 @@ def _candidates(home=None):
     builds (newest first, see apppot-kernel; without $APPPOT_HOME also the
     machine-wide ones scripts/setup.sh builds, as for images), then the
     distribution's."""
-    from .images import SYSTEM_HOME  # noqa: PLC0415
+    from .images import cache_homes  # noqa: PLC0415
     from .kernelbuild import built_kernels  # noqa: PLC0415
 
-    paths = [p for p, _ in built_kernels(home)]
-    if home is None and not os.environ.get("APPPOT_HOME"):
-        paths += [p for p, _ in built_kernels(SYSTEM_HOME)]
+    homes = [home] if home is not None else cache_homes()
+    paths = [p for h in homes for p, _ in built_kernels(h)]
     paths += [Path(shutil.which(c) or c) for c in DEFAULT_KERNELS]
     seen = set()
     for p in paths:
