@@ -17,7 +17,8 @@ nodes is probed before anything boots, and all appliances share one LAN
 ``srun -n N apppot-mpirun``, task 0 runs the whole step; the others exit 0.
 
 Exit status (Open MPI's rule): 0 if every rank succeeded, else the status of
-the lowest-numbered rank that failed (mpirun inside rank 0 applies it); 124
+the lowest-numbered rank that failed (each rank's wrapper reports it; once
+a rank has failed the job gets 2 s to end by itself, then is stopped); 124
 on --timeout; 120/121 when an appliance fails to boot or crashes, or a
 node's worker dies (with the rank or node named on stderr); 125 for bad
 input, or when multicast does not reach between the nodes.
@@ -37,9 +38,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from apppot import __version__, share
+from apppot import status as st
 from apppot.appliance import (
     Appliance,
     make_rundir,
+    rank_statuses,
     wait_all,
     write_control_disk,
 )
@@ -69,6 +72,9 @@ log = logging.getLogger(__name__)
 RSH = "/usr/lib/apppot/apppot-rsh"
 RANKWRAP = "/usr/lib/apppot/rankwrap"
 HOSTFILE = "/run/apppot/mpi/hostfile"
+# seconds a job with a failed rank gets to end by itself, so that ranks
+# failing at about the same time all report before it is stopped
+RANK_GRACE = 2.0
 MPI_OPTIONS = tuple(
     o for o in APPLIANCE_OPTIONS
     if o.dest not in ("net", "log", "boot_timeout")  # per-rank: --log-dir
@@ -185,7 +191,11 @@ def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
             "--mca", "pml", "ob1", "--mca", "btl",
             "tcp,vader,self" if shared_memory else "tcp,self",
             "--mca", "btl_tcp_if_include", "eth0",
-            "--mca", "oob_tcp_if_include", "eth0"]
+            "--mca", "oob_tcp_if_include", "eth0",
+            # abort only for ranks that die before MPI_Finalize, as Hydra
+            # does: a non-zero exit after it must not kill ranks that are
+            # exiting with their own status (RANK_GRACE ends the job then)
+            "--mca", "orte_abort_on_non_zero_status", "0"]
     if as_root:
         argv.append("--allow-run-as-root")
     for name, _ in exports:
@@ -291,32 +301,19 @@ def choose_ranks(args, alloc):
 
 
 # ---------------------------------------------------------------- running
-def lowest_failed(statuses):
-    """Open MPI's rule on {rank: status}: the status of the lowest rank that
-    exited non-zero; ranks killed by a signal (the job's own abort kills the
-    others) count only when no rank failed by itself."""
-    for limit in (128, 255):
-        failed = sorted(r for r, c in statuses.items() if 0 < c <= limit)
-        if failed:
-            return statuses[failed[0]]
-    return 0
-
-
 def job_status(apps, launcher_status, settle=1.0, nranks=None):
     """The job's status from the ranks' own reports (which can trail the
     launcher's exit by a poll interval), else the launcher's."""
     deadline = time.monotonic() + settle
     nranks = nranks or len(apps)  # one rank per appliance
-    while time.monotonic() < deadline:
-        statuses = {}
+    while True:
         for app in apps:
             app.poll_notices(0)
-            statuses.update(app.rank_status)
-        if len(statuses) >= nranks:
+        statuses = rank_statuses(apps)
+        if len(statuses) >= nranks or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    code = lowest_failed(statuses)
-    return code or launcher_status
+    return st.lowest_failed(statuses) or launcher_status
 
 
 def run(args, environ=None):
@@ -642,7 +639,8 @@ def launch(plans, common, settings, environ, share_modules=None,
             code = job_status(node.apps + remotes, wait_all(
                 node.apps + node.supervised() + remotes,
                 boot_timeout=common.boot_timeout,
-                timeout=common.timeout, interrupted=interrupted),
+                timeout=common.timeout, interrupted=interrupted,
+                rank_grace=RANK_GRACE),
                 nranks=sum(len(p.ranks) for p in plans))
             t_end = time.monotonic()
             report(node.apps + remotes, t0, t_end)

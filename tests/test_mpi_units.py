@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from apppot.errors import ConfigError
+from apppot import status as st
+from apppot.appliance import wait_all
+from apppot.errors import ApplianceError, ConfigError
 from apppot_mpi import batchenv, mcastnet, rankspawn
 
 
@@ -192,6 +194,8 @@ def test_openmpi_launcher_argv():
     assert argv[argv.index("plm_rsh_agent") + 1] == rankspawn.RSH
     assert argv[-6:] == [rankspawn.RANKWRAP, "python3", "-c", "x", "-n", "9"]
     assert argv[argv.index("--output-filename") + 1] == "/j/out"
+    # a rank's non-zero exit after MPI_Finalize does not kill the others
+    assert argv[argv.index("orte_abort_on_non_zero_status") + 1] == "0"
 
 
 def test_mpich_launcher_argv():
@@ -243,11 +247,65 @@ def test_shared_memory_between_ranks_of_one_appliance():
 
 
 def test_lowest_failed_rank_rule():
-    assert rankspawn.lowest_failed({0: 0, 1: 5, 2: 3}) == 5
-    assert rankspawn.lowest_failed({0: 143, 1: 0, 2: 3}) == 3  # 143: aborted
-    assert rankspawn.lowest_failed({0: 0, 1: 137}) == 137
-    assert rankspawn.lowest_failed({0: 0, 1: 0}) == 0
-    assert rankspawn.lowest_failed({}) == 0
+    assert st.lowest_failed({0: 0, 1: 5, 2: 3}) == 5
+    assert st.lowest_failed({0: 143, 1: 0, 2: 3}) == 3  # 143: aborted
+    assert st.lowest_failed({0: 0, 1: 137}) == 137
+    assert st.lowest_failed({0: 0, 1: 0}) == 0
+    assert st.lowest_failed({}) == 0
+    assert st.lowest_failed_rank({0: 143, 1: 0, 2: 3}) == 2
+    assert st.lowest_failed_rank({0: 0}) is None
+
+
+class FakeProc:
+    def __init__(self, exit_after=None):
+        self.end = None if exit_after is None else time.monotonic() + exit_after
+
+    def poll(self):
+        return 0 if self.end and time.monotonic() > self.end else None
+
+
+class FakeAppliance:
+    """What appliance.wait_all watches, with statuses its guest reported."""
+
+    def __init__(self, rank_status, exit_after=None):
+        self.rank_status = rank_status
+        self.proc = FakeProc(exit_after)
+        self.name = "fake"
+        self.started_at = self.ready_at = time.monotonic()
+        self.exit_code = self.failure = None
+        self._r, self._w = os.pipe()  # never readable: select just waits
+
+    def fileno(self):
+        return self._r
+
+    def poll_notices(self, timeout):
+        pass
+
+    def result(self):
+        return 0
+
+
+@pytest.mark.parametrize(("statuses", "rank", "code"), [
+    ([{0: 0, 2: 9}, {1: 5}], 1, 5),  # failing together: the lowest counts
+    ([{0: 143}, {2: 9}], 2, 9),  # 143: killed by the job's abort
+])
+def test_job_with_a_failed_rank_ends_after_the_grace(statuses, rank, code):
+    apps = [FakeAppliance(s) for s in statuses]
+    t0 = time.monotonic()
+    with pytest.raises(ApplianceError) as err:
+        wait_all(apps, boot_timeout=10, timeout=10, rank_grace=0.3)
+    assert 0.3 <= time.monotonic() - t0 < 2
+    assert err.value.status == code
+    assert str(err.value).startswith(f"rank {rank} failed (status {code})")
+
+
+def test_job_that_ends_within_the_grace_keeps_its_status():
+    apps = [FakeAppliance({0: 0}, exit_after=0.2), FakeAppliance({1: 5})]
+    assert wait_all(apps, boot_timeout=10, timeout=10, rank_grace=1) == 0
+    assert rankspawn.job_status(apps, 0, nranks=2) == 5
+    # without a grace (apppot-start) a failed rank does not end the wait
+    apps = [FakeAppliance({0: 3}, exit_after=0.5)]
+    assert wait_all(apps, boot_timeout=10, timeout=10) == 0
 
 
 def test_rank_plans_keep_secret_off_uml_argv():

@@ -112,6 +112,22 @@ def test_lowest_failing_rank_status(jobdir, nobody, image, mpich_image, mpi):
 
 
 @pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
+def test_failed_rank_ends_a_job_whose_other_ranks_go_on(jobdir, nobody,
+                                                        image, mpich_image,
+                                                        mpi):
+    # rank 2 dies without MPI_Finalize while the others sleep: Hydra kills
+    # them; Open MPI (told not to abort on non-zero statuses, so that ranks
+    # failing together all report) leaves that to apppot-mpirun's grace
+    prog = ("from mpi4py import MPI; import os, time; c = MPI.COMM_WORLD; "
+            "c.Barrier(); os._exit(9) if c.rank == 2 else time.sleep(300)")
+    t0 = time.monotonic()
+    r = mpirun(["--mpi", mpi, "-n", "3", "python3", "-c", prog], cwd=jobdir,
+               user=nobody, timeout=120)
+    assert r.returncode == 9, r.stderr
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
 def test_mpich_finalize_fix_is_preloaded(jobdir, nobody, image, mpich_image,
                                          mpi):
     # MPICH 4.0.2's finalize can deadlock (apppot_mpi/guest/mpich_finalize.c);

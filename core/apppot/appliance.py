@@ -430,16 +430,30 @@ class Appliance:
         self.close()
 
 
-def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None):
+def rank_statuses(apps):
+    """{MPI rank: exit status} as the appliances' guests reported them."""
+    out = {}
+    for app in apps:
+        out.update(getattr(app, "rank_status", {}))
+    return out
+
+
+def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None,
+             rank_grace=None):
     """Wait for ``apps[0]`` to exit and return its status; raise an
     ApplianceError (naming the appliance) as soon as any appliance fails to
     boot in time or exits first, on ``timeout``, or when ``interrupted()``
     returns a signal number.  The caller tears the appliances down.
 
+    With ``rank_grace``, a job in which an MPI rank has failed gets that
+    many seconds to end by itself, so that ranks failing together all
+    report, then ends with the lowest failed rank's status.
+
     Anything with the same surface (fileno, poll_notices, proc, started_at,
     ready_at, exit_code, failure, result, log_tail, name) can stand in for
     an appliance: apppot-mpirun's handle on another node's worker does."""
     t0 = min(a.started_at for a in apps)
+    failed_at = None
     while True:
         ready, _, _ = select.select(apps, [], [], 0.1)
         for app in ready:
@@ -470,6 +484,17 @@ def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None):
             raise ApplianceError(f"{app.name}: appliance exited (status "
                                  f"{code}) while the job ran",
                                  status=st.GUEST_CRASHED)
+        if rank_grace is None:
+            continue
+        statuses = rank_statuses(apps)
+        if failed_at is None and any(statuses.values()):
+            failed_at = now
+        if failed_at is not None and now - failed_at > rank_grace:
+            rank = st.lowest_failed_rank(statuses)
+            raise ApplianceError(
+                f"rank {rank} failed (status {statuses[rank]}) and the job "
+                f"did not end within {rank_grace:g} s: stopped",
+                status=statuses[rank])
 
 
 def _kill_group(pgid):

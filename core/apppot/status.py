@@ -28,6 +28,23 @@ def from_signal(signum):
     return 128 + signum
 
 
+def lowest_failed_rank(statuses):
+    """Open MPI's rule on {rank: status}: the lowest rank that exited
+    non-zero; ranks killed by a signal (the job's own abort kills the
+    others) count only when no rank failed by itself.  None: none failed."""
+    for limit in (128, 255):
+        failed = [r for r, c in statuses.items() if 0 < c <= limit]
+        if failed:
+            return min(failed)
+    return None
+
+
+def lowest_failed(statuses):
+    """The job's status by that rule: the lowest failed rank's, else 0."""
+    rank = lowest_failed_rank(statuses)
+    return 0 if rank is None else statuses[rank]
+
+
 def help_text():
     lines = [f"  {code}  {text}" for code, text in sorted(DESCRIPTIONS.items())]
     return ("exit status: the program's own (128+N if killed by signal N), "
