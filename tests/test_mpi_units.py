@@ -302,6 +302,10 @@ def test_job_with_a_failed_rank_ends_after_the_grace(statuses, rank, code):
 def test_job_that_ends_within_the_grace_keeps_its_status():
     apps = [FakeAppliance({0: 0}, exit_after=0.2), FakeAppliance({1: 5})]
     assert wait_all(apps, boot_timeout=10, timeout=10, rank_grace=1) == 0
+    # the launcher has exited: the appliance is powering off, not stuck
+    apps = [FakeAppliance({0: 0}, exit_after=0.8), FakeAppliance({1: 5})]
+    apps[0].exit_code = 5
+    assert wait_all(apps, boot_timeout=10, timeout=10, rank_grace=0.2) == 0
     assert rankspawn.job_status(apps, 0, nranks=2) == 5
     # without a grace (apppot-start) a failed rank does not end the wait
     apps = [FakeAppliance({0: 3}, exit_after=0.5)]

@@ -446,8 +446,9 @@ def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None,
     returns a signal number.  The caller tears the appliances down.
 
     With ``rank_grace``, a job in which an MPI rank has failed gets that
-    many seconds to end by itself, so that ranks failing together all
-    report, then ends with the lowest failed rank's status.
+    many seconds to end by itself (its launcher exits), so that ranks
+    failing together all report, then ends with the lowest failed rank's
+    status.
 
     Anything with the same surface (fileno, poll_notices, proc, started_at,
     ready_at, exit_code, failure, result, log_tail, name) can stand in for
@@ -489,7 +490,8 @@ def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None,
         statuses = rank_statuses(apps)
         if failed_at is None and any(statuses.values()):
             failed_at = now
-        if failed_at is not None and now - failed_at > rank_grace:
+        if failed_at is not None and now - failed_at > rank_grace and (
+                apps[0].exit_code is None):  # else: already powering off
             rank = st.lowest_failed_rank(statuses)
             raise ApplianceError(
                 f"rank {rank} failed (status {statuses[rank]}) and the job "
