@@ -56,15 +56,33 @@ def job_script(jobdir, body):
     return path
 
 
+def sbatch_wait(jobdir, script, ntasks, env):
+    """``sbatch --wait``; a job that overruns is cancelled and the test fails
+    with its stderr (the scripts' own --timeout should end it first)."""
+    p = subprocess.Popen(["sbatch", "--wait", "-n", str(ntasks), "-o", "out",
+                          "-e", "err", "-D", str(jobdir), str(script)],
+                         env=env, cwd=jobdir, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        job = out.split()[-1] if out.split() else ""
+        subprocess.run(["scancel", job], env=env, check=False, timeout=30)
+        pytest.fail(f"sbatch --wait overran 300 s ({out.strip()}); job "
+                    f"stderr:\n{(jobdir / 'err').read_text()}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
 def rank_lines(text):
     return sorted(line for line in text.splitlines() if line.startswith("rank"))
 
 
 def test_sbatch_takes_ranks_from_slurm(slurm, image, jobdir):
-    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} python3 prog.py")
-    r = subprocess.run(["sbatch", "--wait", "-n", "4", "-o", "out", "-e", "err",
-                        "-D", str(jobdir), str(script)], env=slurm, cwd=jobdir,
-                       capture_output=True, text=True, timeout=300, check=False)
+    script = job_script(jobdir, f"exec {tool('apppot-mpirun')} --timeout 150 "
+                        "python3 prog.py")
+    r = sbatch_wait(jobdir, script, 4, slurm)
     err = (jobdir / "err").read_text()
     assert r.returncode == 0, f"{r.stderr}\njob stderr:\n{err}"
     assert rank_lines((jobdir / "out").read_text()) == [
@@ -73,17 +91,17 @@ def test_sbatch_takes_ranks_from_slurm(slurm, image, jobdir):
 
 
 def test_sbatch_exit_status(slurm, image, jobdir):
-    script = job_script(jobdir, f"{tool('apppot-mpirun')} python3 prog.py 6")
-    r = subprocess.run(["sbatch", "--wait", "-n", "2", "-o", "out", "-e", "err",
-                        "-D", str(jobdir), str(script)], env=slurm, cwd=jobdir,
-                       capture_output=True, text=True, timeout=300, check=False)
+    script = job_script(jobdir, f"{tool('apppot-mpirun')} --timeout 150 "
+                        "python3 prog.py 6")
+    r = sbatch_wait(jobdir, script, 2, slurm)
     assert r.returncode == 6, r.stderr + (jobdir / "err").read_text()
 
 
 def test_srun_one_launcher_per_step(slurm, image, jobdir):
     (jobdir / "prog.py").write_text(PROG)
     r = subprocess.run(["srun", "-n", "2", tool("apppot-mpirun"), "-v",
-                        "python3", "prog.py", "5"], env=slurm, cwd=jobdir,
+                        "--timeout", "150", "python3", "prog.py", "5"],
+                       env=slurm, cwd=jobdir,
                        stdin=subprocess.DEVNULL, capture_output=True,
                        text=True, timeout=300, check=False)
     assert rank_lines(r.stdout) == ["rank 0 of 2 sum 3", "rank 1 of 2 sum 3"]
