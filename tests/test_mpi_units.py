@@ -299,6 +299,15 @@ def test_job_with_a_failed_rank_ends_after_the_grace(statuses, rank, code):
     assert str(err.value).startswith(f"rank {rank} failed (status {code})")
 
 
+def test_timeout_names_the_ranks_that_had_exited():
+    apps = [FakeAppliance({0: 0}), FakeAppliance({2: 0})]
+    with pytest.raises(ApplianceError) as err:
+        wait_all(apps, boot_timeout=10, timeout=0.2, rank_grace=2)
+    assert err.value.status == 124
+    assert str(err.value) == ("timeout after 0.2 s; ranks exited: 0 (status "
+                              "0), 2 (status 0)")
+
+
 def test_job_that_ends_within_the_grace_keeps_its_status():
     apps = [FakeAppliance({0: 0}, exit_after=0.2), FakeAppliance({1: 5})]
     assert wait_all(apps, boot_timeout=10, timeout=10, rank_grace=1) == 0

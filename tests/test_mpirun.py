@@ -224,6 +224,7 @@ def test_timeout(jobdir, nobody, image):
     r = mpirun(["--timeout", "12", "-n", "2", "sleep", "300"], cwd=jobdir,
                user=nobody)
     assert r.returncode == 124, r.stderr
+    assert b"timeout after 12 s; ranks exited: none" in r.stderr
     assert time.monotonic() - t0 < 40
 
 

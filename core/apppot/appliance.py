@@ -438,6 +438,15 @@ def rank_statuses(apps):
     return out
 
 
+def _exited(apps, mpi):
+    """Which MPI ranks had exited: tells a hung program from a hung exit."""
+    if mpi is None:
+        return ""
+    done = rank_statuses(apps)
+    return "; ranks exited: " + (", ".join(
+        f"{r} (status {c})" for r, c in sorted(done.items())) or "none")
+
+
 def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None,
              rank_grace=None):
     """Wait for ``apps[0]`` to exit and return its status; raise an
@@ -465,7 +474,8 @@ def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None,
             raise ApplianceError(f"interrupted by signal {signum}",
                                  status=st.from_signal(signum))
         if timeout and now - t0 > timeout:
-            raise ApplianceError(f"timeout after {timeout:g} s",
+            raise ApplianceError(f"timeout after {timeout:g} s"
+                                 f"{_exited(apps, rank_grace)}",
                                  status=st.TIMEOUT)
         for app in apps:
             if app.ready_at is None and app.exit_code is None and (
