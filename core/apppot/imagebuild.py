@@ -149,7 +149,10 @@ def install_guest(root, mpi, wheel_dir):
         os.chmod(lib / name, 0o755)
     for path in extra_guest_files():
         if path.suffix == ".c":  # a preload library (host and guest: Debian 12)
-            compile_library(path, lib / f"{path.stem}.so")
+            kernel.compile_shared(path, lib / f"{path.stem}.so",
+                                  ["-Wall", "-Werror"], error=BuildError,
+                                  what=path.name,
+                                  hint="apt-get install gcc libc6-dev")
             continue
         name = path.stem if path.suffix == ".sh" else path.name
         shutil.copy2(path, lib / name)
@@ -186,16 +189,6 @@ def install_guest(root, mpi, wheel_dir):
             p.unlink()
     (root / "etc/machine-id").write_text("")
     (root / "etc/fstab").write_text("# mounts are made by apppot-init\n")
-
-
-def compile_library(source, out):
-    cc = shutil.which("cc")
-    if cc is None:
-        raise BuildError(f"no C compiler to build {source.name}",
-                         hint="apt-get install gcc libc6-dev")
-    run_cmd([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", out,
-             source])
-    os.chmod(out, 0o755)
 
 
 def fetch_wheel(dest):

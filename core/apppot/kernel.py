@@ -220,6 +220,23 @@ def xstate_shim(mode=None, kern=None):
     return build_shim()
 
 
+def compile_shared(source, out, extra=(), *, error, what, hint):
+    """Build the C file ``source`` into the shared library ``out`` with the
+    host's compiler ($CC, cc or gcc): the xstate shim, and the guests'
+    preload libraries (host and guests are both Debian 12)."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if not cc:
+        raise error(f"no C compiler found to build {what}", hint=hint)
+    argv = [cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(source),
+            *extra]
+    log.debug("executing: %s", shlex.join(argv))
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise error(f"cannot build {what}", hint="check the C compiler",
+                    details=proc.stderr)
+    os.chmod(out, 0o755)
+
+
 def build_shim(cache=None):
     source = SHIM_SOURCE.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:16]
@@ -227,22 +244,16 @@ def build_shim(cache=None):
     target = cache / f"xstate_shim-{digest}.so"
     if target.exists():
         return target
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if not cc:
-        raise KernelError(
-            "this CPU (AVX-512) needs the xstate shim for UML 6.1, and no C "
-            "compiler was found to build it",
-            hint="install gcc, or set APPPOT_XSTATE_SHIM=off with a newer kernel")
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
     os.close(fd)
-    argv = [cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SHIM_SOURCE), "-ldl"]
-    log.debug("executing: %s", shlex.join(argv))
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
+    try:
+        compile_shared(SHIM_SOURCE, tmp, ["-ldl"], error=KernelError,
+                       what="the xstate shim this CPU (AVX-512) needs for "
+                       "UML 6.1", hint="install gcc, or set "
+                       "APPPOT_XSTATE_SHIM=off with a newer kernel")
+    except KernelError:
         os.unlink(tmp)
-        raise KernelError("cannot build the UML xstate shim",
-                          hint="check the C compiler", details=proc.stderr)
-    os.chmod(tmp, 0o755)
+        raise
     os.replace(tmp, target)  # atomic: concurrent launchers race safely
     return target
