@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import is_uml, tool
+from conftest import finish, is_uml, tool
 
 from apppot.config import apppot_home
 
@@ -59,19 +59,17 @@ def job_script(jobdir, body):
 def sbatch_wait(jobdir, script, ntasks, env):
     """``sbatch --wait``; a job that overruns is cancelled and the test fails
     with its stderr (the scripts' own --timeout should end it first)."""
-    p = subprocess.Popen(["sbatch", "--wait", "-n", str(ntasks), "-o", "out",
-                          "-e", "err", "-D", str(jobdir), str(script)],
-                         env=env, cwd=jobdir, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    name = f"apppot-test-{jobdir.name}"
+    p = subprocess.Popen(["sbatch", "--wait", "-J", name, "-n", str(ntasks),
+                          "-o", "out", "-e", "err", "-D", str(jobdir),
+                          str(script)], env=env, cwd=jobdir, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        out, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        job = out.split()[-1] if out.split() else ""
-        subprocess.run(["scancel", job], env=env, check=False, timeout=30)
-        pytest.fail(f"sbatch --wait overran 300 s ({out.strip()}); job "
-                    f"stderr:\n{(jobdir / 'err').read_text()}")
+        out, err = finish(p, 300)
+    except pytest.fail.Exception as e:
+        subprocess.run(["scancel", "-n", name], env=env, check=False,
+                       timeout=30)
+        pytest.fail(f"{e}\njob stderr:\n{(jobdir / 'err').read_text()}")
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
