@@ -6,22 +6,23 @@ write one file see stale data and O_APPEND writes land on each other.  Over
 host: reads are fresh, ``O_APPEND`` opens are appends on the host (atomic per
 write) and fcntl locks are shared, which MPI-IO needs.
 
-The server is Debian's ``diod``, run as the caller on the launcher's
-loopback; each appliance reaches it through its own libslirp-helper (host
-loopback = 10.0.2.2).  The 9P modules are taken from the kernel's own module
-tree and handed over on the control disk, so any image works with any kernel
-that has them.
+The server is Debian's ``diod``, run as the caller on the loopback of a
+private network namespace (only the job's helpers are in it: 9P has no
+authentication but the user name); each appliance reaches it through its own
+libslirp-helper, started in that namespace too (host loopback = 10.0.2.2).  The 9P
+modules are taken from the kernel's own module tree and handed over on the
+control disk, so any image works with any kernel that has them.
 """
 
 import logging
-import shlex
+import os
 import shutil
-import socket
-import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .process import ManagedProcess
 from .spec import SLIRP_HOST
 
 log = logging.getLogger(__name__)
@@ -65,78 +66,94 @@ class ShareSpec:
                 "modules": list(self.modules)}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DIOD_DIRS = ("/usr/sbin", "/sbin")  # not on a Debian user's PATH
 
 
-class NinePServer:
-    """diod serving ``jobdir`` on 127.0.0.1 to the caller's uid only."""
+def find_diod(environ=None):
+    """diod on PATH, else where Debian installs it."""
+    environ = os.environ if environ is None else environ
+    path = os.pathsep.join([environ.get("PATH", os.defpath), *DIOD_DIRS])
+    return shutil.which("diod", path=path)
 
-    def __init__(self, jobdir, uid, logfile):
-        self.jobdir = str(jobdir)
-        self.uid = uid
-        self.logfile = logfile
-        self.port = None
-        self.proc = None
 
-    @staticmethod
-    def available():
-        return shutil.which("diod")
+class NinePServer(ManagedProcess):
+    """diod serving ``jobdir`` to the caller's uid only, on 127.0.0.1 of a
+    private network namespace (``enter`` joins it): nobody but the job's
+    own slirp links can reach it, since 9P attaches by user name alone.
 
-    def start(self, watchdog=None, preexec=None):
-        diod = self.available()
+    It listens on a port the kernel picks; the port is read from diod's own
+    listening socket (so no other process can stand in for it), and the job
+    fails, naming it, if diod dies while the job runs."""
+
+    def __init__(self, jobdir, uid, logfile, *, watchdog=None, enter=None):
+        diod = find_diod()
         if not diod:
             raise ConfigError("--jobdir-fs 9p: diod is not installed",
                               hint="install Debian's diod package, or use "
                               "--jobdir-fs hostfs")
-        self.port = free_port()
-        # attach is by user name (the kernel sends no numeric uid first), so
-        # diod looks the caller up in the host's user database; -u lets only
-        # the caller attach; -n: the socket is on a private loopback
-        argv = [diod, "-f", "-n", "-u", str(self.uid), "-l",
-                f"127.0.0.1:{self.port}", "-e", self.jobdir, "-L",
-                str(self.logfile)]
-        log.debug("executing: %s", shlex.join(argv))
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     start_new_session=True,
-                                     preexec_fn=preexec)  # noqa: PLW1509
-        if watchdog:
-            watchdog.track(self.proc.pid, Path(self.logfile).parent)
-        self._wait_listening()
+        if enter is None:
+            raise ConfigError("the job dir server needs a private network "
+                              "namespace", hint="use --jobdir-fs hostfs")
+        # -n: no munge authentication (reachable only from the namespace);
+        # -u: only the caller may attach (by name: diod looks the caller up
+        # in the host's user database)
+        argv = [diod, "-f", "-n", "-u", str(uid), "-l", "127.0.0.1:0",
+                "-e", str(jobdir), "-L", str(logfile)]
+        super().__init__("the job dir's 9P server (diod)", argv,
+                         watchdog=watchdog, rundir=Path(logfile).parent,
+                         log_path=logfile, preexec_fn=enter)
+        self.jobdir = str(jobdir)
+        self.port = None
+
+    def start(self, note=" (in the job's private network namespace)"):
+        super().start(note)
+        self.port = self._wait_listening()
         return self.port
 
     def _wait_listening(self, timeout=10.0):
-        import time  # noqa: PLC0415
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ConfigError(f"diod exited with status {self.proc.returncode}",
-                                  hint=f"see {self.logfile}")
-            if self._listening():
-                return
-            time.sleep(0.05)
+                raise ConfigError(f"diod exited with status "
+                                  f"{self.proc.returncode}",
+                                  hint=f"see {self.log_path}")
+            port = listening_port(self.proc.pid)
+            if port:
+                return port
+            time.sleep(0.02)
         raise ConfigError("diod did not start listening",
-                          hint=f"see {self.logfile}")
+                          hint=f"see {self.log_path}")
 
-    def _listening(self):
-        """Is diod's port open?  (/proc/PID/net/tcp: works from outside the
-        network namespace diod may run in.)"""
+
+def socket_inodes(pid):
+    """Inodes of the sockets process ``pid`` holds open."""
+    out = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
         try:
-            with open(f"/proc/{self.proc.pid}/net/tcp") as f:
-                rows = f.read().splitlines()[1:]
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
-            return False
-        want = f"0100007F:{self.port:04X}"
-        return any(r.split()[1] == want and r.split()[3] == "0A" for r in rows)
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
 
-    def stop(self, watchdog=None):
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if watchdog:
-            watchdog.untrack(self.proc.pid)
+
+def listening_port(pid, address="0100007F"):
+    """The TCP port on 127.0.0.1 that process ``pid`` itself listens on (a
+    listener is matched to the process by its socket inode), or None.
+    /proc/PID/net/tcp shows the process's own network namespace."""
+    try:
+        with open(f"/proc/{pid}/net/tcp") as f:
+            rows = [r.split() for r in f.read().splitlines()[1:]]
+    except OSError:
+        return None
+    mine = socket_inodes(pid)
+    for r in rows:
+        local, state, inode = r[1], r[3], int(r[9])
+        if state == "0A" and inode in mine and local.startswith(address + ":"):
+            return int(local.split(":")[1], 16)
+    return None
