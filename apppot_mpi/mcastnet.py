@@ -3,9 +3,9 @@
 Planning is pure: ``plan_lan`` turns a job key and rank count into the
 multicast group, port and TTL, a locally administered MAC and an IP per rank,
 the UML argument and guest commands, and the MPI host file.  Side effects are
-confined to three functions at the bottom: the multicast route check, the
-interface lookup (netifaces, else psutil) and ``enter_private_netns``, which
-puts the launcher in its own network namespace with multicast routed to lo.
+confined to the bottom: the multicast route check, the interface lookup
+(netifaces, else psutil), and ``NetnsHolder``, a private network namespace
+with multicast routed to lo for the job's helpers and, on one node, its LAN.
 """
 
 import ctypes
@@ -215,34 +215,57 @@ CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP, IFF_MULTICAST = 0x8913, 0x8914, 0x1, 0x1000
 
 
-def enter_private_netns():
-    """Move this (single-threaded) process into a new network namespace with
-    lo up and multicast routed to lo; a user namespace too when not root
-    (mapping our own uid to itself).  False if the kernel refuses."""
-    libc = ctypes.CDLL(None, use_errno=True)
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork
+
+
+def _make_private_netns():
+    """Move this single-threaded process (a forked child) into a new network
+    namespace, and a user namespace too when not root (mapping our own uid
+    and gid to themselves), with lo up and multicast routed to lo.
+    Returns 0, or the errno of the step that failed."""
     uid, gid = os.getuid(), os.getgid()
-    flags = CLONE_NEWNET | (CLONE_NEWUSER if uid != 0 else 0)
-    if libc.unshare(flags) != 0:
-        log.info("no private network namespace: %s",
-                 os.strerror(ctypes.get_errno()))
-        return False
-    if uid != 0:
-        for path, text in (("/proc/self/setgroups", "deny"),
-                           ("/proc/self/uid_map", f"{uid} {uid} 1"),
-                           ("/proc/self/gid_map", f"{gid} {gid} 1")):
-            with open(path, "w") as f:
-                f.write(text)
-    _link_up("lo")
-    _add_route_to_lo(MCAST_ROUTE)
-    return True
+    if _LIBC.unshare(CLONE_NEWNET | (CLONE_NEWUSER if uid != 0 else 0)) != 0:
+        return ctypes.get_errno() or errno.EPERM
+    try:
+        if uid != 0:
+            for path, text in (("/proc/self/setgroups", "deny"),
+                               ("/proc/self/uid_map", f"{uid} {uid} 1"),
+                               ("/proc/self/gid_map", f"{gid} {gid} 1")):
+                with open(path, "w") as f:
+                    f.write(text)
+        _link_up("lo")
+        _add_route_to_lo(MCAST_ROUTE)
+    except OSError as e:
+        return e.errno or errno.EPERM
+    return 0
+
+
+def private_netns_possible():
+    """Can this user make a private network namespace here?  ``(True, "")``
+    or ``(False, why)``.  Tried in a throw-away child, so this process never
+    ends up half-way into a namespace."""
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        code = 1
+        try:
+            code = min(_make_private_netns(), 255)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return True, ""
+    what = "user and network" if os.getuid() != 0 else "network"
+    return False, f"cannot create a {what} namespace: {os.strerror(code)}"
 
 
 class NetnsHolder:
-    """A private network namespace (only lo) kept alive by a holder process,
-    for helpers that must not share the host's loopback: with a multi-node
-    LAN the launcher stays in the cluster's namespace, but the job dir's 9P
-    server and the appliances' slirp links go in here, out of other local
-    users' reach.  ``enter()`` is a preexec_fn that joins it."""
+    """A private network namespace (lo up, multicast routed to lo) kept
+    alive by a holder process.  The job's helpers that must not be on the
+    host's loopback (the job dir's 9P server and the appliances' slirp
+    links), and on one node the whole LAN (UML and the hub), run in it;
+    ``enter()`` is the preexec function that joins it.  The launcher itself
+    stays where it is."""
 
     def __init__(self, watchdog=None, rundir=None):
         import subprocess  # noqa: PLC0415
@@ -256,26 +279,39 @@ class NetnsHolder:
         self.watchdog = watchdog
         if watchdog:
             watchdog.track(self.proc.pid, rundir or "/nonexistent", keep=True)
+        self._fds = []
         deadline = time.monotonic() + 5
         mine = os.readlink("/proc/self/ns/net")
-        while os.readlink(f"/proc/{self.proc.pid}/ns/net") == mine:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise OSError("could not create a private network namespace")
-            time.sleep(0.01)
+        try:
+            while os.readlink(f"/proc/{self.proc.pid}/ns/net") == mine:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise OSError("the namespace holder did not start")
+                time.sleep(0.005)
+            kinds = (("user", CLONE_NEWUSER),) if self.user else ()
+            for kind, flag in (*kinds, ("net", CLONE_NEWNET)):
+                self._fds.append((os.open(f"/proc/{self.proc.pid}/ns/{kind}",
+                                          os.O_RDONLY), flag))
+        except OSError as e:
+            self.close()
+            raise ConfigError(f"could not create a private network namespace "
+                              f"({e.strerror or e})", hint="use --no-netns "
+                              "and --jobdir-fs hostfs, or ask the admin to "
+                              "allow user namespaces") from None
 
     def enter(self):
-        libc = ctypes.CDLL(None, use_errno=True)
-        kinds = (("user", CLONE_NEWUSER),) if self.user else ()
-        for kind, flag in (*kinds, ("net", CLONE_NEWNET)):
-            fd = os.open(f"/proc/{self.proc.pid}/ns/{kind}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, flag) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {kind}")
-            finally:
-                os.close(fd)
+        """In a forked child before exec: join the namespaces (opened in the
+        parent, so the child only makes system calls)."""
+        for fd, flag in self._fds:
+            if _LIBC.setns(fd, flag) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+
+    def pid(self):
+        return self.proc.pid
 
     def close(self):
+        for fd, _ in self._fds:
+            os.close(fd)
+        self._fds = []
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
@@ -285,7 +321,7 @@ class NetnsHolder:
 
 def _holder_setup():
     # in the holder child: a new net (and user) namespace with lo up
-    if not enter_private_netns():
+    if _make_private_netns() != 0:
         os._exit(1)
 
 
