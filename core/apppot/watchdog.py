@@ -1,10 +1,11 @@
 """Watchdog: if the launcher dies (even by SIGKILL), kill its appliances.
 
 The launcher starts ``python -m apppot.watchdog`` in its own session with a
-pipe on stdin and writes ``track PGID DIR KEEP`` / ``untrack PGID`` lines.
-When the pipe reaches EOF while groups are still tracked, the launcher is
-gone: the watchdog SIGKILLs those UML process groups (UML's helpers survive
-their main process) and removes their run directories.
+pipe on stdin and writes ``track PGID KEEP DIR`` / ``untrack PGID`` lines,
+and ``dir DIR`` / ``undir DIR`` for directories of its own (a node's job
+directory).  When the pipe reaches EOF while groups are still tracked, the
+launcher is gone: the watchdog SIGKILLs those UML process groups (UML's
+helpers survive their main process) and removes their run directories.
 """
 
 import logging
@@ -41,6 +42,13 @@ class Watchdog:
 
     def untrack(self, pgid):
         self._send(f"untrack {pgid}")
+
+    def track_dir(self, path):
+        """Remove ``path`` too if the launcher dies."""
+        self._send(f"dir {path}")
+
+    def untrack_dir(self, path):
+        self._send(f"undir {path}")
 
     def close(self):
         try:
@@ -82,7 +90,7 @@ def kill_groups(pgids, wait=5.0):
 def main():
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # only EOF on stdin counts
-    tracked = {}
+    tracked, dirs = {}, set()
     for line in sys.stdin.buffer:
         word, _, rest = line.decode().rstrip("\n").partition(" ")
         if word == "track":
@@ -90,10 +98,16 @@ def main():
             tracked[int(pgid)] = (rundir, keep == "1")
         elif word == "untrack":
             tracked.pop(int(rest), None)
+        elif word == "dir":
+            dirs.add(rest)
+        elif word == "undir":
+            dirs.discard(rest)
     kill_groups(list(tracked))  # the launcher died
     for rundir, keep in tracked.values():
         if not keep:
-            shutil.rmtree(rundir, ignore_errors=True)
+            dirs.add(rundir)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
     return 0
 
 
