@@ -32,6 +32,7 @@ from .config import apppot_home, common_cli, report_error, setup_logging
 from .errors import AppPotError, BuildError, ConfigError
 from .images import default_image
 from .spec import ApplianceSpec, GuestSpec
+from .trust import check_cache_home, check_trusted, resolve_in
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def build_rootfs(inputs, cache):
     """Layer 1: mmdebstrap → tar (cached by its inputs)."""
     key = key_of(inputs)
     tar = cache / "rootfs" / f"{key}.tar"
-    if tar.exists():
+    if tar.exists():  # extracted as root: only from a safe place
+        check_trusted(tar, "cached root file system", error=BuildError)
         log.info("reusing root file system %s", tar)
         return tar, key
     if not shutil.which("mmdebstrap"):
@@ -141,54 +143,79 @@ def build_rootfs(inputs, cache):
 
 
 def install_guest(root, mpi, wheel_dir):
-    """AppPot's guest side, and the MPICH mpi4py wheel."""
-    lib = root / "usr/lib/apppot"
-    lib.mkdir(parents=True, exist_ok=True)
+    """AppPot's guest side, and the MPICH mpi4py wheel.  Every path is
+    resolved inside the tree (``resolve_in``): a symlink in the root file
+    system, such as ``etc -> /etc``, cannot lead a write out of it."""
+    def at(rel):
+        return resolve_in(root, rel)
+
+    at("usr/lib/apppot").mkdir(parents=True, exist_ok=True)
     for name in GUEST_FILES:
-        shutil.copy2(HERE / name, lib / name)
-        os.chmod(lib / name, 0o755)
+        copy_into(HERE / name, at(f"usr/lib/apppot/{name}"))
     for path in extra_guest_files():
         if path.suffix == ".c":  # a preload library (host and guest: Debian 12)
-            kernel.compile_shared(path, lib / f"{path.stem}.so",
+            kernel.compile_shared(path, at(f"usr/lib/apppot/{path.stem}.so"),
                                   ["-Wall", "-Werror"], error=BuildError,
                                   what=path.name,
                                   hint="apt-get install gcc libc6-dev")
             continue
         name = path.stem if path.suffix == ".sh" else path.name
-        shutil.copy2(path, lib / name)
-        os.chmod(lib / name, 0o755)
-    rsh = lib / "apppot-rsh"  # the MPI launchers' remote start (agent.py)
-    rsh.write_text("#!/bin/sh\nexec /usr/bin/python3 -IB "
-                   "/usr/lib/apppot/agent.py rsh \"$@\"\n")
-    rsh.chmod(0o755)
-    snap = root / "usr/local/bin/apppot-snap"
-    snap.write_text("#!/bin/sh\nexec /usr/bin/python3 -IB "
-                    "/usr/lib/apppot/snap.py \"$@\"\n")
-    snap.chmod(0o755)
-    (root / "var/lib/apppot").mkdir(parents=True, exist_ok=True)
+        copy_into(path, at(f"usr/lib/apppot/{name}"))
+    # the MPI launchers' remote start (agent.py), and apppot-snap
+    write_into(at("usr/lib/apppot/apppot-rsh"), "#!/bin/sh\nexec "
+               "/usr/bin/python3 -IB /usr/lib/apppot/agent.py rsh \"$@\"\n",
+               0o755)
+    at("usr/local/bin").mkdir(parents=True, exist_ok=True)
+    write_into(at("usr/local/bin/apppot-snap"), "#!/bin/sh\nexec "
+               "/usr/bin/python3 -IB /usr/lib/apppot/snap.py \"$@\"\n", 0o755)
+    at("var/lib/apppot").mkdir(parents=True, exist_ok=True)
     if mpi == "mpich":
         wheels = list(Path(wheel_dir).glob("mpi4py-*.whl"))
         if not wheels:
             raise BuildError("mpi4py wheel missing", hint="check pip's output")
-        site = root / "usr/local/lib/python3.11/dist-packages"
+        site = at("usr/local/lib/python3.11/dist-packages")
         site.mkdir(parents=True, exist_ok=True)
+        site = at("usr/local/lib/python3.11/dist-packages")
         with zipfile.ZipFile(wheels[0]) as whl:
+            for member in whl.namelist():  # names checked like any tar's
+                if member.startswith("/") or ".." in member.split("/"):
+                    raise BuildError(f"unsafe name in the mpi4py wheel: "
+                                     f"{member!r}", hint="check the wheel")
             whl.extractall(site)
         # the MPICH ABI name the wheel links against, next to libmpich (a
         # default search directory, so no ld.so.cache entry is needed)
-        libdir = root / f"usr/lib/{platform.machine()}-linux-gnu"
-        link = libdir / "libmpi.so.12"
+        link = at(f"usr/lib/{platform.machine()}-linux-gnu") / "libmpi.so.12"
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to("libmpich.so.12")
         run_cmd(["ldconfig", "-r", root])
     # leave no package caches or machine identity in the image
-    for pattern in ("var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",
-                    "var/lib/apt/lists/*_Packages", "var/log/*.log"):
-        for p in root.glob(pattern):
-            p.unlink()
-    (root / "etc/machine-id").write_text("")
-    (root / "etc/fstab").write_text("# mounts are made by apppot-init\n")
+    for base, pattern in (("var/cache/apt", "*.bin"),
+                          ("var/cache/apt/archives", "*.deb"),
+                          ("var/lib/apt/lists", "*_Packages"),
+                          ("var/log", "*.log")):
+        for p in at(base).glob(pattern):
+            p.unlink()  # unlinking a symlink never follows it
+    write_into(at("etc/machine-id"), "")
+    write_into(at("etc/fstab"), "# mounts are made by apppot-init\n")
+
+
+def copy_into(src, dest, mode=0o755):
+    """Copy a file to ``dest`` (resolved in the tree), never through a
+    symlink at ``dest`` itself."""
+    write_into(dest, Path(src).read_bytes(), mode)
+
+
+def write_into(dest, data, mode=0o644):
+    if isinstance(data, str):
+        data = data.encode()
+    if dest.is_symlink():
+        dest.unlink()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                 mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(dest, mode)
 
 
 def fetch_wheel(dest):
@@ -240,7 +267,7 @@ def build(mpi="openmpi", packages=(), output=None, verbose=False, force=False):
                          "install files owned by root)",
                          hint="run it with sudo; any user can then use the "
                          "image (--output puts it where they can read it)")
-    home = apppot_home()
+    home = check_cache_home(apppot_home())
     out = Path(output).absolute() if output else default_image(mpi, home)
     rinputs = rootfs_inputs(mpi, packages)
     inputs = image_inputs(key_of(rinputs), mpi)
@@ -269,7 +296,8 @@ def build(mpi="openmpi", packages=(), output=None, verbose=False, force=False):
         meta = {"mpi": mpi, "packages": rinputs["packages"], "suite": SUITE,
                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "apppot": __version__}
-        (root / "usr/lib/apppot/image.json").write_text(json.dumps(meta))
+        write_into(resolve_in(root, "usr/lib/apppot/image.json"),
+                   json.dumps(meta))
         progress(3, 4, "making the ext4 image")
         tmp_img = work / "image.img"
         mkfs(root, tmp_img)

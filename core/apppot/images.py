@@ -3,8 +3,10 @@
 Pure reads only; building images is ``apppot.imagebuild``.
 """
 
+import json
 import os
 import struct
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +42,12 @@ def cache_homes(environ=None):
     """Where cached builds are looked for, in order: $APPPOT_HOME alone if
     set; else the user's own cache, then the machine-wide one that
     scripts/setup.sh fills."""
+    from .trust import check_cache_home  # noqa: PLC0415
+
     environ = os.environ if environ is None else environ
     own = apppot_home(environ)
-    return [own] if environ.get("APPPOT_HOME") else [own, SYSTEM_HOME]
+    homes = [own] if environ.get("APPPOT_HOME") else [own, SYSTEM_HOME]
+    return [check_cache_home(h) for h in homes]
 
 
 def cached_path(name, environ=None):
@@ -122,3 +127,30 @@ def check_cow(cow, base):
             "was made (size or mtime differ)",
             hint="use a new COW file, or restore the base image's mtime "
             "(cp --preserve=timestamps)")
+
+
+CHANGES_META = ".apppot-changes.json"  # snap.META: an archive's first member
+
+
+def check_changes(value):
+    """``--changes``: an apppot-snap changes archive, checked before anything
+    starts (its first member is the archive's manifest)."""
+    path = Path(value).absolute()
+    hint = "give a file made by apppot-snap changes"
+    if not os.access(path, os.R_OK) or not path.is_file():
+        raise ImageError(f"changes archive not readable: {value!r}", hint=hint)
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            first = tar.next()
+            if first is None or first.name != CHANGES_META or not first.isfile():
+                raise ValueError("no manifest")
+            meta = json.load(tar.extractfile(first))
+            if not isinstance(meta, dict) or not isinstance(
+                    meta.get("deleted"), list):
+                raise ValueError("bad manifest")
+    except (OSError, EOFError, tarfile.TarError, ValueError,
+            UnicodeDecodeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
+        raise ImageError(f"--changes {value!r} is not an apppot-snap changes "
+                         f"archive ({why})", hint=hint) from None
+    return path

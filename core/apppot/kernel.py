@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import apppot_home
 from .errors import KernelError
+from .trust import check_cache_home, check_trusted
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def find_kernel(path=None, needs=()):
 
 
 def load_kernel(path):
+    check_trusted(path, "UML kernel", error=KernelError)
     st = _stat(path)
     return _load_kernel(str(path), st.st_mtime_ns, st.st_size)
 
@@ -227,6 +229,7 @@ def compile_shared(source, out, extra=(), *, error, what, hint):
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if not cc:
         raise error(f"no C compiler found to build {what}", hint=hint)
+    check_trusted(cc, "C compiler ($CC)", error=error)
     argv = [cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(source),
             *extra]
     log.debug("executing: %s", shlex.join(argv))
@@ -240,10 +243,10 @@ def compile_shared(source, out, extra=(), *, error, what, hint):
 def build_shim(cache=None):
     source = SHIM_SOURCE.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:16]
-    cache = Path(cache) if cache else apppot_home() / "native"
+    cache = Path(cache) if cache else check_cache_home(apppot_home()) / "native"
     target = cache / f"xstate_shim-{digest}.so"
-    if target.exists():
-        return target
+    if target.exists():  # preloaded into UML: only from a safe place
+        return check_trusted(target, "xstate shim", error=KernelError)
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
     os.close(fd)

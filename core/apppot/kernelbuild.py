@@ -34,6 +34,7 @@ from pathlib import Path
 from . import kernel
 from .config import apppot_home, common_cli, report_error, setup_logging
 from .errors import AppPotError, BuildError, ConfigError
+from .trust import check_cache_home
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def apt_options(aptdir):
 
 
 def kernels_dir(home=None):
-    return Path(home or apppot_home()) / "kernels"
+    return check_cache_home(Path(home or apppot_home())) / "kernels"
 
 
 def built_kernels(home=None):
@@ -179,25 +180,33 @@ def configure(tree, fragment_text):
                          f"{FRAGMENT} or pick another --series")
 
 
-def compile_kernel(tree, jobs):
-    """make ARCH=um linux, printing progress every 500 compiled files."""
+PROGRESS_EVERY = 15.0  # seconds between progress lines while compiling
+EXPECTED_FILES = 940  # compiled by this configuration (7.2: 938 objects)
+
+
+def compile_kernel(tree, jobs, expected=EXPECTED_FILES):
+    """make ARCH=um linux, printing a progress line every PROGRESS_EVERY
+    seconds (files compiled, of about how many, elapsed); returns the
+    binary and the number of files compiled."""
     argv = ["make", f"-j{jobs}", "ARCH=um", "linux"]
     log.debug("executing: %s", shlex.join(argv))
     proc = subprocess.Popen(argv, cwd=tree, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     tail, count, t0 = [], 0, time.monotonic()
+    shown = t0
     for line in proc.stdout:
         tail = (tail + [line.rstrip()])[-30:]
         if line.lstrip().startswith("CC"):
             count += 1
-            if count % 500 == 0:
-                print(f"      {count} files compiled "
-                      f"({time.monotonic() - t0:.0f} s)", file=sys.stderr,
-                      flush=True)
+        now = time.monotonic()
+        if now - shown >= PROGRESS_EVERY:
+            shown = now
+            print(f"      {count} of ~{max(expected, count)} files compiled "
+                  f"({now - t0:.0f} s)", file=sys.stderr, flush=True)
     if proc.wait() != 0:
         raise BuildError("make ARCH=um linux failed:\n" + "\n".join(tail),
                          hint="see the lines above")
-    return tree / "linux"
+    return tree / "linux", count
 
 
 def build(series=DEFAULT_SERIES, jobs=None, force=False, home=None):
@@ -223,7 +232,7 @@ def build(series=DEFAULT_SERIES, jobs=None, force=False, home=None):
         progress(3, 4, "configuring (defconfig + kconfig/uml.config)")
         configure(tree, fragment_text)
         progress(4, 4, f"compiling with {jobs} jobs (several minutes)")
-        binary = compile_kernel(tree, jobs)
+        binary, files = compile_kernel(tree, jobs)
         _run(["strip", "--strip-debug", str(binary)])
         staging = work / key
         staging.mkdir()
@@ -233,7 +242,7 @@ def build(series=DEFAULT_SERIES, jobs=None, force=False, home=None):
         loaded = kernel.load_kernel(staging / "linux")  # it is a UML kernel
         (staging / "build.json").write_text(json.dumps({
             "series": series, "source": f"linux-source-{series} {version}",
-            "version": loaded.version, "key": key,
+            "version": loaded.version, "key": key, "files": files,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.monotonic() - t0)}, indent=1))
         if dest.exists():
