@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from apppot.errors import ConfigError
 
 _REGISTRY = {}
+# Bounds on what an allocation may say: far beyond any real job, small
+# enough that a typo or a hostile variable cannot make us loop or fill memory.
+MAX_HOSTS = 1 << 16
+MAX_SLOTS = 1 << 16  # per host
 
 
 def register(cls):
@@ -84,9 +88,10 @@ def _int(text, where):
         value = int(text)
     except (TypeError, ValueError):
         value = -1
-    if value < 1:
-        raise ConfigError(f"{where}: not a positive slot count: {text!r}",
-                          hint="check the batch system's allocation")
+    if value < 1 or value > MAX_SLOTS:
+        raise ConfigError(f"{where}: not a positive slot count (at most "
+                          f"{MAX_SLOTS}): {text!r}", hint="check the batch "
+                          "system's allocation")
     return value
 
 
@@ -106,7 +111,7 @@ def expand_hostlist(text):
     for ch in text.strip() + ",":
         if ch == "," and depth == 0:
             if item:
-                hosts.extend(_expand_item(item, text))
+                hosts.extend(_expand_item(item, text, MAX_HOSTS - len(hosts)))
             item = ""
             continue
         depth += (ch == "[") - (ch == "]")
@@ -117,10 +122,13 @@ def expand_hostlist(text):
     if depth:
         raise ConfigError(f"SLURM_JOB_NODELIST: unbalanced brackets in {text!r}",
                           hint="scontrol show hostnames")
+    if not hosts:
+        raise ConfigError(f"SLURM_JOB_NODELIST: no hosts in {text!r}",
+                          hint="scontrol show hostnames")
     return hosts
 
 
-def _expand_item(item, whole):
+def _expand_item(item, whole, room=MAX_HOSTS):
     m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)", item)
     if not m:
         if "[" in item or "]" in item:
@@ -134,8 +142,16 @@ def _expand_item(item, whole):
         if not lo.isdigit() or (sep and not hi.isdigit()):
             raise ConfigError(f"SLURM_JOB_NODELIST: bad range {part!r} in "
                               f"{whole!r}", hint="scontrol show hostnames")
+        first, last = int(lo), int(hi or lo)
+        if last < first:
+            raise ConfigError(f"SLURM_JOB_NODELIST: empty range {part!r} in "
+                              f"{whole!r}", hint="scontrol show hostnames")
+        if last - first + 1 > room - len(out):
+            raise ConfigError(f"SLURM_JOB_NODELIST: more than {MAX_HOSTS} "
+                              f"hosts in {whole!r}", hint="scontrol show "
+                              "hostnames")
         width = len(lo)
-        for n in range(int(lo), int(hi or lo) + 1):
+        for n in range(first, last + 1):
             out.append(f"{prefix}{n:0{width}d}{suffix}")
     return out
 
@@ -148,7 +164,11 @@ def expand_counts(text, var="SLURM_TASKS_PER_NODE"):
         if not m:
             raise ConfigError(f"{var}: cannot parse {part!r} in {text!r}",
                               hint="expected counts like 2(x3),1")
-        out += [_int(m.group(1), var)] * int(m.group(2) or 1)
+        repeat = int(m.group(2) or 1)
+        if not 1 <= repeat <= MAX_HOSTS - len(out):
+            raise ConfigError(f"{var}: repeat count out of range in {text!r}",
+                              hint=f"at most {MAX_HOSTS} nodes")
+        out += [_int(m.group(1), var)] * repeat
     return out
 
 

@@ -272,7 +272,9 @@ class HubProcess:
         return self.proc.stdout.fileno()
 
     def poll_notices(self, timeout):
-        r, _, _ = select.select([self], [], [], max(0.0, timeout))
+        from apppot.process import readable
+
+        r = readable([self], timeout)
         if r:
             try:
                 data = os.read(self.fileno(), 65536)

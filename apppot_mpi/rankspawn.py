@@ -41,6 +41,7 @@ from apppot import __version__, share
 from apppot import status as st
 from apppot.appliance import (
     Appliance,
+    check_rundir_room,
     make_rundir,
     rank_statuses,
     wait_all,
@@ -59,6 +60,7 @@ from apppot.start import (
     ArgumentParser,
     Interrupts,
     caller_identity,
+    check_memory,
     prepare_common,
     seccomp_args,
     uml_env,
@@ -222,7 +224,7 @@ def ranks_per_appliance(args, kern, rank_hosts):
     """--per node|rank / --ranks-per-appliance N; auto: a node's ranks share
     one appliance where the kernel is SMP (measured faster: see README)."""
     per = args.per or "auto"
-    if args.ranks_per_appliance:
+    if args.ranks_per_appliance is not None:
         n = int(args.ranks_per_appliance)
         if n < 1:
             raise ConfigError(f"--ranks-per-appliance: need at least 1, got {n}",
@@ -285,8 +287,8 @@ def plan_ranks(lan, flavour, launcher, *, uid, gid, user, group, jobdir,
 
 def choose_ranks(args, alloc):
     n = args.n
-    if n is not None and n < 1:
-        raise ConfigError(f"-n: need at least one rank, got {n}",
+    if n is not None and not 1 <= n <= batchenv.MAX_SLOTS:
+        raise ConfigError(f"-n: need 1 to {batchenv.MAX_SLOTS} ranks, got {n}",
                           hint="e.g. -n 4")
     if n is None:
         n = alloc.slots
@@ -333,8 +335,11 @@ def run(args, environ=None):
     nranks = choose_ranks(args, alloc)
     rank_hosts = place(alloc.hosts, nranks)
     multi = len(rank_hosts) > 1
-    common = prepare_common(args, environ, count=len(rank_hosts[0][1]),
-                            boot_default=120.0)
+    common = prepare_common(args, environ, boot_default=120.0, check_mem=False)
+    if common.cow:
+        raise ConfigError("--image COW:IMG: one COW file cannot serve the "
+                          "appliances of an MPI job", hint="give the image "
+                          "alone; each appliance gets its own COW file")
     kern, jobdir = common.kernel, common.jobdir
     per = ranks_per_appliance(args, kern, rank_hosts)
     appliances = pack(rank_hosts, per)  # [(host, ranks)]
@@ -342,20 +347,27 @@ def run(args, environ=None):
                  for h, _ in rank_hosts]
     if per > 1 and not args.mem:
         common = replace(common, mem=default_mem(per))
+    check_node_room(len(placement[0][1]))
+    last = len(appliances) - 1  # the longest run directory and umid
+    check_rundir_room(f"r{last}", f"apppot-r{last}-")
+    check_memory(common.mem, len(placement[0][1]), environ)
     transport = mcastnet.choose_transport(args.transport, kern)
     flavour = image_flavour(common.image, args.mpi)
-    share_modules = choose_jobdir_fs(args.jobdir_fs or "auto", kern)
+    # a private network namespace: for the job dir server always, and on
+    # one node for the whole LAN (unless --no-netns)
+    netns, no_netns_why = (True, "") if args.dry_run else \
+        mcastnet.private_netns_possible()
+    share_modules = choose_jobdir_fs(args.jobdir_fs or "auto", kern,
+                                     no_netns_why)
+    lan_netns = netns and not (args.no_netns or multi)
+    if not netns and not multi and not args.no_netns:
+        log.info("no private network namespace (%s): the LAN uses this one",
+                 no_netns_why)
     starter = remote.choose(args.launcher, alloc.source, environ) \
         if multi else None
     exports = parse_env_args(args.export, environ)
-    output_dir = None
-    if args.output_filename:
-        output_dir = str(Path(args.output_filename).absolute())
-        if not output_dir.startswith(str(jobdir) + "/"):
-            raise ConfigError(f"--output-filename {args.output_filename!r} is "
-                              "outside the job dir", hint="the appliances see "
-                              "only the job dir; use a subdirectory of it")
-        os.makedirs(output_dir, exist_ok=True)
+    output_dir = check_output_dir(args.output_filename, jobdir) \
+        if args.output_filename else None
     identity = caller_identity()
     uid, gid, user, group = identity
     launcher = launcher_argv(
@@ -364,9 +376,6 @@ def run(args, environ=None):
                  for k, v in exports.items()],
         tag_output=args.tag_output, output_dir=output_dir, as_root=uid == 0)
     job_id = alloc.job_id or str(os.getpid())
-    in_netns = False
-    if not (args.no_netns or args.dry_run or multi):
-        in_netns = mcastnet.enter_private_netns()
     # one node: TTL 0 keeps the LAN on this host; several: TTL 1 crosses
     # the cluster network's switches but no router
     lan = mcastnet.plan_lan(mcastnet.job_key(job_id, user), len(appliances),
@@ -385,7 +394,7 @@ def run(args, environ=None):
         log_dir=str(Path(args.log_dir).absolute()) if args.log_dir else None,
         boot_timeout=common.boot_timeout, seccomp=args.seccomp or "auto",
         jobdir_fs="hostfs" if share_modules is None else "9p",
-        private_share=multi, transport=transport.name,
+        lan_netns=lan_netns, transport=transport.name,
         hub=hub_config(lan, placement, secret, multi) if transport.hub
         else None)
     log.info("%s allocation: %s; %d ranks, %s image %s", alloc.source,
@@ -414,12 +423,49 @@ def run(args, environ=None):
         return 0
     if transport.hub and not multi:
         log.info("LAN: the hub joins the appliances; no multicast%s",
-                 " (private network namespace)" if in_netns else "")
+                 " (private network namespace)" if lan_netns else "")
+    elif lan_netns:
+        log.info("LAN carried by lo in a private network namespace")
     else:
         source, iface = mcastnet.multicast_route(lan.group, lan.port)
-        log.info("LAN carried by %s (%s)%s", iface, source,
-                 " in a private network namespace" if in_netns else "")
+        log.info("LAN carried by %s (%s)", iface, source)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)  # all checks passed
     return launch(plans, common, settings, environ, share_modules, cluster)
+
+
+def check_output_dir(value, jobdir):
+    """``--output-filename DIR``: a directory inside the job dir (the
+    appliances see nothing else); created only once every check passed."""
+    path = os.path.normpath(os.path.abspath(value))
+    if not path.startswith(str(jobdir) + "/"):
+        raise ConfigError(f"--output-filename {value!r} is outside the job "
+                          "dir", hint="the appliances see only the job dir; "
+                          "use a subdirectory of it")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--output-filename {value!r} exists and is not a "
+                          "directory", hint="name a new or existing directory")
+    return path
+
+
+FDS_PER_APPLIANCE = 10  # the launcher's: pipes, sockets, logs, hub pair
+
+
+def check_node_room(count):
+    """Raise this process's open-file limit to what ``count`` appliances
+    need (up to the hard limit), or say why the node cannot hold them."""
+    import resource  # noqa: PLC0415
+
+    need = 64 + FDS_PER_APPLIANCE * count
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise ConfigError(f"{count} appliances on one node need about {need} "
+                          f"open files; the limit (ulimit -Hn) is {hard}",
+                          hint="use fewer appliances per node (--per node, "
+                          "--ranks-per-appliance N) or ask for a higher limit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def hub_config(lan, placement, secret, multi):
@@ -451,16 +497,20 @@ def place(hosts, count):
     return [(h, ix) for h, ix in out if ix]
 
 
-def choose_jobdir_fs(mode, kern):
-    """9P modules to hand the guests, or None for hostfs."""
+def choose_jobdir_fs(mode, kern, no_netns_why=""):
+    """9P modules to hand the guests, or None for hostfs.  The 9P server
+    must run in a private network namespace (``no_netns_why``: why there
+    is none here)."""
     if mode == "hostfs":
         return None
     modules = share.module_paths(kern)
     missing = [what for what, ok in (
-        ("diod", share.NinePServer.available()),
+        ("diod", share.find_diod()),
         ("libslirp-helper", shutil.which("libslirp-helper")),
         (f"9p modules for kernel {kern.version}", modules is not None),
-        ("the vector network driver", kern.has("vector"))) if not ok]
+        ("the vector network driver", kern.has("vector")),
+        (f"a private network namespace ({no_netns_why})", not no_netns_why))
+        if not ok]
     if not missing:
         return modules
     if mode == "9p":
@@ -490,7 +540,7 @@ class NodeSettings:
     log_dir: str | None = None
     boot_timeout: float = 120.0
     jobdir_fs: str = "auto"
-    private_share: bool = False  # 9P server + slirp in a private netns
+    lan_netns: bool = False  # the LAN (UML) in the private netns too
     transport: str = "mcast"
     hub: dict | None = None  # hub_config(), for the hub transport
     seccomp: str = "auto"
@@ -515,26 +565,28 @@ class NodeRun:
         self.holder = None
         self.hub = None
         self.rundir = make_rundir(prefix="apppot-job-")
+        dog.track_dir(self.rundir)  # gone with us, even after a SIGKILL
 
     def start(self, plans, *, stdin_fd=None):
         s = self.s
         log_dir = Path(s.log_dir) if s.log_dir else None
         if log_dir:
             log_dir.mkdir(parents=True, exist_ok=True)
-        files, helper, preexec = (), shutil.which("libslirp-helper"), None
+        files, helper, enter = (), shutil.which("libslirp-helper"), None
+        if self.share_modules is not None or s.lan_netns:
+            self.holder = mcastnet.NetnsHolder(self.dog, self.rundir)
+            enter = self.holder.enter
         if self.share_modules is not None:
-            if s.private_share:
-                self.holder = mcastnet.NetnsHolder(self.dog, self.rundir)
-                preexec = self.holder.enter
             self.server = share.NinePServer(s.jobdir, s.uid,
-                                            self.rundir / "diod.log")
-            port = self.server.start(self.dog, preexec)
+                                            self.rundir / "diod.log",
+                                            watchdog=self.dog, enter=enter)
+            port = self.server.start()
             files = [(f"modules/{m.name}", m) for m in self.share_modules]
             shared = share.ShareSpec(s.jobdir, port, tuple(
                 m.name for m in self.share_modules), s.uid, s.gid,
                 s.user).guest()
-            log.info("job dir shared over 9P (diod on port %d%s)", port,
-                     ", private namespace" if s.private_share else "")
+            log.info("job dir shared over 9P (diod on port %d, private "
+                     "network namespace)", port)
         link = 0  # the vec device number of the job dir link
         if s.transport == "hub":
             self.hub = self._start_hub([p.index for p in plans])
@@ -554,7 +606,7 @@ class NodeRun:
                 net_args = tuple(a.replace("{fd}", str(fd)) for a in net_args)
                 net_fds = (fd,)
             if self.share_modules is not None:  # link to the job dir server
-                fd = app.start_slirp(helper, preexec)
+                fd = app.start_slirp(helper, enter)
                 link_args, link_net = slirp_net(fd, default_route=False,
                                                 index=link)
                 net_args += link_args
@@ -567,13 +619,16 @@ class NodeRun:
                 kernel=s.kernel, umid=f"r{p.index}", uml_dir=rundir,
                 mem_bytes=s.mem, image=Path(s.image), cow=rundir / "root.cow",
                 control=control, notify=rundir / "notify", channels=channels,
-                hostfs=Path(s.jobdir), net_args=net_args, net_fds=net_fds,
+                # over 9P the guest needs no hostfs path at all
+                hostfs=None if self.share_modules is not None else Path(
+                    s.jobdir), net_args=net_args, net_fds=net_fds,
                 quiet=s.verbose < 2, extra_args=self.kernel_args(len(p.ranks)))
+            lan_enter = enter if s.lan_netns else None
             if p.index == 0:
-                app.start(spec, self.env, stdin_fd=stdin_fd)
+                app.start(spec, self.env, stdin_fd=stdin_fd, enter=lan_enter)
             else:
                 app.start(spec, self.env, stdout_fd=_discard,
-                          stderr_fd=_discard)
+                          stderr_fd=_discard, enter=lan_enter)
         return self.apps
 
     def kernel_args(self, nranks):
@@ -597,7 +652,7 @@ class NodeRun:
 
     def supervised(self):
         """What the wait loop watches besides the appliances."""
-        return [self.hub] if self.hub else []
+        return [h for h in (self.hub, self.server) if h]
 
     def kill_now(self):
         for app in self.apps:
@@ -614,10 +669,11 @@ class NodeRun:
                 log.info("hub: %s", ", ".join(f"{k} {v}" for k, v in
                                               stats.items()))
         if self.server:
-            self.server.stop(self.dog)
+            self.server.stop()
         if self.holder:
             self.holder.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
+        self.dog.untrack_dir(self.rundir)
 
 
 def launch(plans, common, settings, environ, share_modules=None,

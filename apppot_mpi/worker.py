@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import secrets
-import select
 import signal
 import sys
 import threading
@@ -33,6 +32,7 @@ from argparse import Namespace
 
 from apppot import status as st
 from apppot.errors import ApplianceError, AppPotError, ConfigError
+from apppot.process import readable
 from apppot.spec import GuestSpec
 
 from . import mcastnet
@@ -86,8 +86,7 @@ class RemoteNode:
     def poll_notices(self, timeout):
         if self._eof:
             return False
-        r, _, _ = select.select([self], [], [], max(0.0, timeout))
-        if not r:
+        if not readable([self], timeout):
             return False
         try:
             data = os.read(self.fileno(), 65536)
@@ -302,7 +301,10 @@ def serve(msg, proto, stdin_fd):
     common = _prepare(msg["settings"], len(plans))
     common.kernel.require(mcastnet.TRANSPORTS[settings.transport]
                           .kernel_feature)
-    share_modules = choose_jobdir_fs(settings.jobdir_fs, common.kernel)
+    why = ""
+    if settings.jobdir_fs != "hostfs":
+        why = mcastnet.private_netns_possible()[1]
+    share_modules = choose_jobdir_fs(settings.jobdir_fs, common.kernel, why)
     pr = msg["probe"]
     report = mcastnet.run_probe(pr["group"], pr["port"], pr["nonce"],
                                 msg["node"], pr["count"], ttl=pr["ttl"],
@@ -339,7 +341,7 @@ def _supervise(apps, helpers, proto, stdin_fd, boot_timeout, interrupted):
     t0 = time.monotonic()
     ready, ranks = set(), {}
     while True:
-        r, _, _ = select.select([stdin_fd, *apps, *helpers], [], [], 0.2)
+        r = readable([stdin_fd, *apps, *helpers], 0.2)
         for app in (*apps, *helpers):
             if app in r:
                 app.poll_notices(0)

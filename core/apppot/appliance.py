@@ -11,7 +11,6 @@ import io
 import logging
 import os
 import resource
-import select
 import shlex
 import shutil
 import signal
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from . import status as st
 from .errors import ApplianceError, ConfigError
+from .process import readable
 from .spec import Channels
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ N_SOCKET, N_PANIC, N_USER = 0, 1, 3
 FRAME = struct.Struct("!I")  # framed stdin, see init.unframe
 CONTROL_MIN = 64 << 10  # keeps the kernel's partition probe inside the disk
 STOP_GRACE = 2.0
+SUN_PATH_MAX = 107  # AF_UNIX socket paths (UML's mconsole socket)
 
 
 @dataclass
@@ -57,6 +58,24 @@ def parse_notice(data, at=0.0):
         return None
     text = data[NOTIFY.size:NOTIFY.size + length].split(b"\0")[0]
     return Notice(kind, text.decode(errors="replace"), at)
+
+
+def check_socket_path(rundir, umid):
+    """UML's mconsole socket lives at RUNDIR/UMID/mconsole: refuse run
+    directories whose socket path an AF_UNIX address cannot hold."""
+    path = str(Path(rundir) / umid / "mconsole")
+    if len(path.encode()) > SUN_PATH_MAX - 6:  # room for UML's own suffix
+        raise ConfigError(f"run directory path too long for a UNIX socket: "
+                          f"{str(rundir)!r}", hint="set TMPDIR to a shorter "
+                          "path, e.g. /tmp")
+    return path
+
+
+def check_rundir_room(umid, prefix="apppot-"):
+    """Before anything starts: will a run directory from ``make_rundir(prefix)``
+    hold UML's socket for ``umid``?  (mkdtemp adds 8 characters.)"""
+    return check_socket_path(Path(tempfile.gettempdir()) / (prefix + "x" * 8),
+                             umid)
 
 
 def write_control_disk(path, spec_json, changes=None, files=()):
@@ -144,12 +163,18 @@ def check_max_map_count(mem_bytes, path="/proc/sys/vm/max_map_count"):
     return None
 
 
-def _pdeathsig():
-    # If the launcher dies, the kernel kills UML's main process; the
-    # watchdog then kills the rest of its process group.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a panic dumps core
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork
+
+
+def _child_setup(enter=None):
+    def setup():
+        if enter is not None:
+            enter()
+        # If the launcher dies, the kernel kills UML's main process; the
+        # watchdog then kills the rest of its process group.
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a panic dumps core
+    return setup
 
 
 class Appliance:
@@ -183,9 +208,11 @@ class Appliance:
 
     # ----------------------------------------------------------------- start
     def start(self, spec, env, *, stdout_fd=1, stderr_fd=2, stdin_fd=None,
-              interactive=False):
+              interactive=False, enter=None):
         """Spawn UML for ``spec`` (whose channels must be ours: see
-        ``make_channels``) and start the relays."""
+        ``make_channels``) and start the relays.  ``enter``: a function the
+        child runs before exec (joining the job's network namespace)."""
+        check_socket_path(spec.uml_dir, spec.umid)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(str(spec.notify))
         argv = spec.argv()
@@ -197,7 +224,8 @@ class Appliance:
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=self._console_w,
             stderr=self._console_w, pass_fds=spec.fds(), env=env,
-            preexec_fn=_pdeathsig, cwd=self.rundir)  # noqa: PLW1509 (prctl)
+            preexec_fn=_child_setup(enter),  # noqa: PLW1509 (prctl, setns)
+            cwd=self.rundir)
         if self.watchdog:
             self.watchdog.track(self.proc.pid, self.rundir, keep=self.keep)
         for fd in self._child_ends:
@@ -296,8 +324,7 @@ class Appliance:
     # ------------------------------------------------------------------ wait
     def poll_notices(self, timeout):
         """Read guest notices for up to ``timeout`` s; True if any came."""
-        r, _, _ = select.select([self._sock], [], [], max(0.0, timeout))
-        if not r:
+        if not readable([self._sock], timeout):
             return False
         while True:
             try:
@@ -316,17 +343,27 @@ class Appliance:
             self.panic = n.text
         elif n.kind == N_USER and n.text.startswith("apppot:"):
             word, _, rest = n.text[7:].partition(" ")
-            if word == "ready":
-                self.ready_at = n.at
-            elif word == "stdin":
-                self._stdin_go.set()
-            elif word == "exit":
-                self.exit_code = int(rest)
-            elif word == "fail":
-                self.failure = rest
-            elif word == "rank":
-                rank, _, code = rest.partition(" ")
-                self.rank_status[int(rank)] = int(code)
+            try:
+                self._handle_user(word, rest, n.at)
+            except ValueError:  # a guest cannot make the launcher fail
+                log.warning("%s: malformed notice ignored: %r", self.name,
+                            n.text[:80])
+
+    def _handle_user(self, word, rest, at):
+        if word == "ready":
+            self.ready_at = at
+        elif word == "stdin":
+            self._stdin_go.set()
+        elif word == "exit":
+            self.exit_code = _status(rest)
+        elif word == "fail":
+            self.failure = rest
+        elif word == "rank":
+            rank, _, code = rest.partition(" ")
+            rank = int(rank)
+            if not 0 <= rank < 1 << 24:
+                raise ValueError(rank)
+            self.rank_status[rank] = _status(code)
 
     def wait(self, *, boot_timeout=60.0, timeout=None, interrupted=None):
         """Wait until UML exits; return the run's status (see ``status``).
@@ -465,8 +502,7 @@ def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None,
     t0 = min(a.started_at for a in apps)
     failed_at = None
     while True:
-        ready, _, _ = select.select(apps, [], [], 0.1)
-        for app in ready:
+        for app in readable(apps, 0.1):
             app.poll_notices(0)
         now = time.monotonic()
         signum = interrupted() if interrupted else None
@@ -507,6 +543,14 @@ def wait_all(apps, *, boot_timeout, timeout=None, interrupted=None,
                 f"rank {rank} failed (status {statuses[rank]}) and the job "
                 f"did not end within {rank_grace:g} s: stopped",
                 status=statuses[rank])
+
+
+def _status(text):
+    """An exit status from a guest notice (0-255), or ValueError."""
+    code = int(text)
+    if not 0 <= code <= 255:
+        raise ValueError(code)
+    return code
 
 
 def _kill_group(pgid):

@@ -21,10 +21,13 @@ UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 def parse_size(text, what="--mem"):
     """'512M', '2G', '256' (MiB) → bytes."""
     m = SIZE_RE.match(str(text))
-    if not m or int(m.group(1)) == 0:
+    if not m or int(m.group(1)) == 0 or len(m.group(1)) > 12:
         raise ConfigError(f"{what}: cannot parse size {text!r}",
                           hint="use a number with K, M or G, e.g. 512M")
     return int(m.group(1)) * UNITS[m.group(2).lower()]
+
+
+MAX_SECONDS = 366 * 86400  # a year: beyond any batch job's limit
 
 
 def parse_seconds(text, what="--timeout"):
@@ -32,7 +35,7 @@ def parse_seconds(text, what="--timeout"):
         value = float(text)
     except (TypeError, ValueError):
         value = -1.0
-    if value <= 0:
+    if not 0 < value <= MAX_SECONDS:  # also nan and inf
         raise ConfigError(f"{what}: not a positive number of seconds: {text!r}",
                           hint="e.g. --timeout 600")
     return value

@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import os
 import pwd
-import select
 import shutil
 import signal
 import socket
@@ -29,6 +28,7 @@ from .appliance import (
     Appliance,
     check_max_map_count,
     check_memdir,
+    check_rundir_room,
     make_rundir,
     write_control_disk,
 )
@@ -42,7 +42,8 @@ from .config import (
     parse_size,
 )
 from .errors import ConfigError
-from .images import check_cow, check_image, parse_image_arg
+from .images import check_changes, check_cow, check_image, parse_image_arg
+from .process import readable
 from .spec import ApplianceSpec, GuestSpec, parse_env_args, slirp_net
 from .watchdog import Watchdog
 
@@ -99,6 +100,17 @@ def check_jobdir(path):
     return path
 
 
+def check_umid(value):
+    """``--id``: UML's umid names a directory under the run directory."""
+    ok = value and len(value) <= 63 and value[0].isalnum() and all(
+        c.isalnum() or c in "._-" for c in value)
+    if not ok:
+        raise ConfigError(f"--id: bad appliance id {value!r}", hint="at most "
+                          "63 letters, digits, '.', '_', '-', starting with a "
+                          "letter or digit")
+    return value
+
+
 def caller_identity():
     uid, gid = os.getuid(), os.getgid()
     try:
@@ -152,9 +164,12 @@ class Prepared:
     kernel_args: tuple = ()  # e.g. seccomp=auto
 
 
-def prepare_common(args, environ, *, count=1, boot_default=60.0, needs=()):
+def prepare_common(args, environ, *, count=1, boot_default=60.0, needs=(),
+                   check_mem=True):
     """Validate the appliance options for ``count`` appliances before
-    anything starts (bad input: one-line errors, status 125)."""
+    anything starts (bad input: one-line errors, status 125).  With
+    ``check_mem=False`` the caller checks memory (``check_memory``) once it
+    knows the size of its appliances."""
     mem = parse_size(args.mem or "256M")
     timeout = parse_seconds(args.timeout) if args.timeout else None
     boot_timeout = parse_seconds(args.boot_timeout or boot_default,
@@ -168,17 +183,20 @@ def prepare_common(args, environ, *, count=1, boot_default=60.0, needs=()):
                               f"{count} appliances", hint="give the image "
                               "alone; each appliance gets its own COW file")
         check_cow(choice.cow, image)
-    changes = None
-    if args.changes:
-        changes = Path(args.changes).absolute()
-        if not os.access(changes, os.R_OK) or not changes.is_file():
-            raise ConfigError(f"changes archive not readable: {args.changes!r}",
-                              hint="give a file made by apppot-snap changes")
+    changes = check_changes(args.changes) if args.changes else None
     jobdir = check_jobdir(Path.cwd())
-    check_memdir(mem * count, environ)
-    check_max_map_count(mem)
+    if check_mem:
+        check_memory(mem, count, environ)
     return Prepared(mem, timeout, boot_timeout, kern, image, choice.cow,
                     changes, jobdir, seccomp_args(kern, args.seccomp))
+
+
+def check_memory(mem, count, environ):
+    """Room for ``count`` guests of ``mem`` bytes in the guest memory
+    directory; a warning when one guest process could hit the host's
+    mapping limit."""
+    check_memdir(mem * count, environ)
+    check_max_map_count(mem)
 
 
 def seccomp_args(kern, mode):
@@ -297,7 +315,8 @@ def run(args, environ=None):
     if interactive:
         size = os.get_terminal_size(0)
         winsize = (size.lines, size.columns)
-    umid = args.id or f"apppot-{os.getpid()}"
+    umid = check_umid(args.id) if args.id else f"apppot-{os.getpid()}"
+    check_rundir_room(umid)
     guest = GuestSpec(uid=uid, gid=gid, user=user, group=group,
                       jobdir=str(plan.jobdir), argv=argv,
                       env=guest_env(environ, interactive, guest_vars),
@@ -325,9 +344,6 @@ def run(args, environ=None):
             net_args, guest.net = slirp_net(fd)
         write_control_disk(control, guest.to_json(), plan.changes)
         notify = rundir / "notify"
-        if len(str(rundir / umid / "mconsole")) > 100:
-            raise ConfigError(f"run directory path too long: {str(rundir)!r}",
-                              hint="set TMPDIR to a shorter path")
         spec = ApplianceSpec(
             kernel=plan.kernel.path, umid=umid, uml_dir=rundir,
             mem_bytes=plan.mem, image=plan.image,
@@ -382,8 +398,7 @@ class TerminalRelay:
     def _run(self):
         fds = [0, self.master]
         while not self.stopping.is_set():
-            r, _, _ = select.select(fds, [], [], 0.2)
-            for fd in r:
+            for fd in readable(fds, 0.2):
                 try:
                     data = os.read(fd, 65536)
                 except OSError:
