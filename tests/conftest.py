@@ -1,8 +1,10 @@
 """Shared fixtures: the real kernel and images, job dirs, and a leftover check.
 
 Real-appliance tests never skip: a missing kernel or image is a failure
-(CI must notice).  Images come from $APPPOT_HOME (CI: /var/cache/apppot),
-built beforehand by ``apppot-image build``.
+(CI must notice).  Images and kernels are found the way the tools find them
+(``$APPPOT_HOME`` if set, else the user's cache, then the machine-wide one
+of scripts/setup.sh; CI: /var/cache/apppot), built beforehand by
+``apppot-image build`` and ``apppot-kernel build``.
 """
 
 import os
@@ -19,7 +21,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from apppot.config import apppot_home
 from apppot.images import default_image
 
 VENV_BIN = Path(sys.executable).parent
@@ -34,7 +35,7 @@ def tool(name):
 
 @pytest.fixture(scope="session")
 def image():
-    path = default_image("openmpi", apppot_home())
+    path = default_image("openmpi")  # the tools' own lookup
     assert path.exists(), (f"Open MPI image missing: {path} "
                            "(build it: apppot-image build)")
     return path
@@ -42,7 +43,7 @@ def image():
 
 @pytest.fixture(scope="session")
 def mpich_image():
-    path = default_image("mpich", apppot_home())
+    path = default_image("mpich")
     assert path.exists(), (f"MPICH image missing: {path} "
                            "(build it: apppot-image build --mpi mpich)")
     return path
@@ -59,11 +60,13 @@ def uml_kernel():
 @pytest.fixture(scope="session")
 def own_kernel():
     """AppPot's own UML build (SMP, seccomp, no mcast): apppot-kernel build."""
+    from apppot.images import cache_homes
     from apppot.kernelbuild import built_kernels
 
-    found = built_kernels(apppot_home())
+    found = [k for home in cache_homes() for k in built_kernels(home)]
     assert found, ("AppPot's kernel missing under "
-                   f"{apppot_home()}/kernels (build it: apppot-kernel build)")
+                   f"{' or '.join(map(str, cache_homes()))} "
+                   "(build it: apppot-kernel build)")
     return str(found[0][0])
 
 
@@ -126,7 +129,6 @@ def start(args, *, cwd, user=None, input=None, stdin=None, timeout=120,
           env=None):
     """Run apppot-start; returns CompletedProcess with bytes output."""
     full_env = dict(os.environ)
-    full_env.setdefault("APPPOT_HOME", str(apppot_home()))
     if user is not None:
         full_env["HOME"] = str(cwd)
     full_env.update(env or {})

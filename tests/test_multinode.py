@@ -184,13 +184,14 @@ from apppot import share
 from apppot_mpi.mcastnet import NetnsHolder
 holder = NetnsHolder()
 d = Path(tempfile.mkdtemp(prefix="apppot-test-holder-"))
-server = share.NinePServer(d, os.getuid(), d / "diod.log")
-port = server.start(None, holder.enter)
+server = share.NinePServer(d, os.getuid(), d / "diod.log",
+                           enter=holder.enter)
+port = server.start()
 try:
     socket.create_connection(("127.0.0.1", port), 0.5)
     print("reachable")
 except OSError:
-    print("closed", server._listening())
+    print("closed", share.listening_port(server.proc.pid) == port)
 server.stop()
 holder.close()
 shutil.rmtree(d)

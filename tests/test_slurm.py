@@ -12,8 +12,6 @@ import psutil
 import pytest
 from conftest import finish, is_uml, tool
 
-from apppot.config import apppot_home
-
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.uml, pytest.mark.root]
 
@@ -39,7 +37,7 @@ def slurm():
                         check=False)
     assert up.returncode == 0, f"slurm-local.sh up failed:\n{up.stderr}"
     conf = up.stdout.strip().splitlines()[-1].removeprefix("SLURM_CONF=")
-    env = dict(os.environ, SLURM_CONF=conf, APPPOT_HOME=str(apppot_home()))
+    env = dict(os.environ, SLURM_CONF=conf)  # APPPOT_HOME, if set, too
     for var in [v for v in env if v.startswith(("SLURM_", "PE_", "PBS_",
                                                 "LSB_")) and v != "SLURM_CONF"]:
         del env[var]
@@ -157,7 +155,7 @@ def slurm_cluster():
     found = dict(line.split("=", 1) for line in up.stdout.split())
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "PE_", "PBS_", "LSB_"))}
-    env.update(SLURM_CONF=found["SLURM_CONF"], APPPOT_HOME=str(apppot_home()))
+    env.update(SLURM_CONF=found["SLURM_CONF"])
     yield env, ["nsenter", f"--net=/run/netns/{found['NETNS']}"]
     subprocess.run([script, "down"], check=False, timeout=120)
 
