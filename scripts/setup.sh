@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install AppPot-MPI on a fresh Debian 12 machine, build the appliance images
-# and run a job in an appliance.  Run as root (or with sudo).  Idempotent: a
-# second run reuses the packages, the venv and the cached images.
+# and run a job in an appliance.  Run as root (an admin who is not root:
+# sudo).  Idempotent: a second run reuses the packages, the venv and the
+# cached kernel and images.
 #
 #   scripts/setup.sh            install, build, run the demo job
 #   scripts/setup.sh --no-demo  install and build only (used by scripts/test.sh)
@@ -10,13 +11,13 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
 APT_PACKAGES="user-mode-linux mmdebstrap e2fsprogs libslirp-helper gcc libc6-dev
-  python3 python3-venv python3-dev openmpi-bin libopenmpi-dev mpich
+  python3 python3-venv python3-dev python3-mpi4py openmpi-bin libopenmpi-dev mpich
   libmpich-dev iproute2 util-linux procps tar gzip diod slurm-wlm munge
   make bc bison flex xz-utils chromium chromium-driver curl"
 export APPPOT_HOME="${APPPOT_HOME:-/var/cache/apppot}"  # machine-wide images
 
 if [ "$(id -u)" != 0 ]; then
-    echo "setup.sh: run as root or with sudo (it installs Debian packages)" >&2
+    echo "setup.sh: run as root (it installs Debian packages); not root: sudo scripts/setup.sh" >&2
     exit 1
 fi
 
@@ -45,7 +46,7 @@ echo "== building the appliance images (cached in $APPPOT_HOME)" >&2
 .venv/bin/apppot-orchestrator image  # Open MPI + slurmd, for the orchestrator
 
 if [ "${1:-}" != "--no-demo" ]; then
-    echo "== running a 4-rank MPI job, one appliance per rank" >&2
+    echo "== running a 4-rank MPI job in an appliance (its ranks share it)" >&2
     demo=$(mktemp -d /var/tmp/apppot-demo-XXXXXX)
     cd "$demo"
     "$REPO/.venv/bin/apppot-mpirun" -v -n 4 python3 -c \
