@@ -59,8 +59,10 @@ with open(f"out/{r}.txt", "w") as f:
 open(f"out/running.{r}", "w").close()
 c.Barrier()
 kind = spec["kind"]
-if kind == "fail" and str(r) in spec["codes"]:
-    os._exit(spec["codes"][str(r)])  # at the same instant as the others
+if kind == "fail" and str(r) in spec["codes"]:  # all at the same instant
+    if spec["how"] == "exit":
+        sys.exit(spec["codes"][str(r)])  # through MPI_Finalize
+    os._exit(spec["codes"][str(r)])  # abruptly
 if kind == "crash" and r == spec["rank"]:
     os.kill(os.getpid(), spec["signal"])
 if kind == "hold":
@@ -96,6 +98,7 @@ class Job:
             kind = "hold"
         return {"seed": self.seed, "kind": kind,
                 "codes": self.detail.get("codes", {}),
+                "how": self.detail.get("how", "exit"),
                 "rank": self.detail.get("rank", 0),
                 "signal": self.detail.get("signal", 0)}
 
@@ -156,9 +159,11 @@ def draw(seed, cores=None, slurm_share=0.0):
     detail = {}
     if ending == "fail-one":
         detail["codes"] = {str(rng.randrange(ranks)): rng.randint(1, 100)}
+        detail["how"] = rng.choice(("exit", "_exit"))
     elif ending == "fail-together":
         failing = rng.sample(range(ranks), rng.randint(2, ranks))
         detail["codes"] = {str(r): rng.randint(1, 100) for r in failing}
+        detail["how"] = rng.choice(("exit", "_exit"))
     elif ending == "crash":
         detail["rank"] = rng.randrange(ranks)
         detail["signal"] = rng.choice((signal.SIGSEGV, signal.SIGABRT,
