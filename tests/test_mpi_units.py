@@ -140,6 +140,79 @@ def test_explicit_beats_environment_and_pe_forces(tmp_path):
     assert batchenv.detect({}).slots == os.cpu_count()
 
 
+# Host names that would become options or paths on a remote start's
+# command line (ssh -oProxyCommand runs a command), or shell/JSON noise.
+ATTACK_HOSTS = ["-oProxyCommand=touch${IFS}/tmp/pwned", "-lroot", "--",
+                "../../run/netns/x", "a/b", "$(id)", "a;b", "`id`", ".hidden",
+                "n\u00f6de", "x" * 254]
+
+
+@pytest.mark.parametrize("bad", ATTACK_HOSTS)
+def test_every_allocation_source_refuses_a_bad_host_name(tmp_path, bad):
+    """Each source names itself (variable or file:line) and the name."""
+    quoted = repr(bad)
+
+    def refused(where, **kw):
+        with pytest.raises(ConfigError) as e:
+            batchenv.detect(**kw)
+        assert str(e.value) == f"{where}: not a host name: {quoted}"
+        assert "letters, digits" in e.value.hint
+
+    f = tmp_path / "hosts"
+    f.write_text(f"good1 slots=1\n{bad} slots=2\n")
+    refused(f"--hostfile {f}:2", environ={}, hostfile=str(f))
+    refused("-H", environ={}, hosts=f"good1,{bad}:2")
+    if "," not in bad and "[" not in bad:
+        slurm = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": f"n1,{bad}",
+                 "SLURM_TASKS_PER_NODE": "1(x2)"}
+        refused("SLURM_JOB_NODELIST", environ=slurm)
+        refused("SLURM_STEP_NODELIST", environ={
+            **slurm, "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": bad,
+            "SLURM_STEP_TASKS_PER_NODE": "1"})
+        refused("SLURM_NODELIST", environ={"SLURM_JOBID": "1",
+                                           "SLURM_NODELIST": bad})
+    f.write_text(f"good1 2 q@good1 UNDEFINED\n{bad} 2 q UNDEFINED\n")
+    refused(f"PE_HOSTFILE {f}:2", environ={"PE_HOSTFILE": str(f),
+                                            "JOB_ID": "9"})
+    f.write_text(f"good1\n\n{bad}\n")
+    refused(f"PBS_NODEFILE {f}:3", environ={"PBS_JOBID": "5",
+                                             "PBS_NODEFILE": str(f)})
+    refused(f"LSB_DJOB_HOSTFILE {f}:3", environ={
+        "LSB_JOBID": "3", "LSB_DJOB_HOSTFILE": str(f)})
+    refused("LSB_MCPU_HOSTS", environ={"LSB_JOBID": "3",
+                                       "LSB_MCPU_HOSTS": f"good1 2 {bad} 2"})
+
+
+def test_ordinary_host_names_pass():
+    hosts = "node01,n-2.cluster.example,gpu_3,10.1.2.3,A" + "b" * 200
+    assert [h for h, _ in batchenv.detect({}, hosts=hosts).hosts] == \
+        hosts.split(",")
+
+
+def test_hostfile_with_an_ssh_option_starts_nothing(tmp_path, capsys,
+                                                   monkeypatch):
+    """The whole CLI: one line naming the file and line, a hint, 125;
+    the fake ssh first on PATH is never run."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ssh").write_text(f"#!/bin/sh\ntouch {tmp_path}/ssh-ran\n")
+    (fake / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    hf = tmp_path / "hosts"
+    hf.write_text("localhost slots=1\n-oProxyCommand=touch${IFS}pwned "
+                  "slots=2\n")
+    before = sorted(os.listdir(tmp_path))
+    code = rankspawn.main(["--hostfile", str(hf), "-n", "3", "true"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 125
+    assert err == [f"apppot-mpirun: error: --hostfile {hf}:2: not a host "
+                   "name: '-oProxyCommand=touch${IFS}pwned'",
+                   "hint: host names are letters, digits, '.', '-' and '_', "
+                   "starting with a letter, digit or '_'"]
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 # ------------------------------------------------------------- mcastnet
 def test_lan_plan_is_deterministic_per_key_and_distinct_per_job():
     k1 = mcastnet.job_key("42", "alice", salt="s")
@@ -367,7 +440,7 @@ def test_remote_start_argv_is_data():
     cmd = ["/venv/bin/python", "-m", "apppot_mpi.worker"]
     env = {"PATH": "/nonexistent", "APPPOT_NETNS_PREFIX": "t1-"}
     srun = remote.Srun(env).argv("node7", cmd)
-    assert srun[0] == "srun" and srun[-3:] == cmd
+    assert srun[0] == "srun" and srun[-4:] == ["--", *cmd]
     assert "--nodelist=node7" in srun and "--overlap" in srun
     assert "--ntasks=1" in srun and "--kill-on-bad-exit=1" in srun
     assert remote.Qrsh({**env, "SGE_ROOT": "/nonexistent"}).argv(
@@ -376,7 +449,9 @@ def test_remote_start_argv_is_data():
                                                    "n1", *cmd]
     assert remote.PbsTmrsh(env).argv("n1", cmd) == ["pbs_tmrsh", "n1", *cmd]
     ssh = remote.Ssh(env).argv("n1", ["p y", "-m", "x"])
-    assert ssh[-2:] == ["n1", "'p y' -m x"]  # one shell line, quoted
+    # "--" ends ssh's options: a host can never be one; one shell line
+    assert ssh == ["ssh", "-x", "-o", "BatchMode=yes", "--", "n1",
+                   "'p y' -m x"]
     assert remote.Netns(env).argv("node0", cmd) == [
         "ip", "netns", "exec", "t1-node0", *cmd]
 
