@@ -469,15 +469,20 @@ def test_remote_start_follows_the_batch_system():
         remote.choose(None, "slurm", {"PATH": "/nonexistent"})
 
 
+KEY = b"k" * 32
+
+
 def test_probe_state_needs_a_full_mesh():
     from apppot_mpi.mcastnet import ProbeState, probe_failures
 
-    a, b, c = (ProbeState("n1", k, 3) for k in range(3))
-    other_job = ProbeState("n2", 1, 3)
+    a, b, c = (ProbeState("n1", k, 3, KEY) for k in range(3))
+    other_job = ProbeState("n2", 1, 3, KEY)
     a.receive(other_job.message(0.0), 0.0)
-    assert a.received == 0  # another job's nonce is ignored
+    assert a.received == 0  # another start's nonce is ignored
+    a.receive(ProbeState("n1", 1, 3, b"j" * 32).message(0.0), 0.0)
+    assert a.received == 0  # so is another job's key
     a.receive(a.message(0.0), 0.0)
-    assert a.received == 0  # so is our own looped-back datagram
+    assert a.received == 0  # and our own looped-back datagram
     for t in (1.0, 2.0):
         ma, mb = a.message(t), b.message(t)
         for x, m in ((b, ma), (a, mb)):
@@ -495,6 +500,140 @@ def test_probe_state_needs_a_full_mesh():
                 s.receive(m, t)
     assert a.done() and b.done() and c.done()
     assert probe_failures([s.report(1.0) for s in (a, b, c)], "xyz") == []
+
+
+def _signed(body, key=KEY):
+    from apppot_mpi import mcastnet
+
+    return mcastnet.PROBE_MAGIC + mcastnet._probe_tag(key, body) + body
+
+
+def probe_junk(nonce, key=KEY):
+    """Datagrams an attacker (or a broken peer) could send to the probe:
+    unsigned, signed with the wrong key, and signed but malformed."""
+    deep = b"[" * 100000 + b"]" * 100000  # RecursionError in json.loads
+    plain = [deep, b"", b"{}", b"null", b"\xff\xfe\x00", b"A" * 65000,
+             json.dumps({"n": nonce, "k": 1}).encode(),  # missing keys
+             json.dumps({"n": nonce, "k": 1, "t": 1, "heard": [0],
+                         "echo": {"0": [1, 2]}}).encode(),  # unsigned
+             b"APPR" + b"\0" * 16 + b"{}", b"APPR"]
+    malformed = [b"[" * 400 + b"]" * 400, b"{}", b"[]", b'"x"', b"1e999",
+                 b"\xff", json.dumps({"n": nonce}).encode(),
+                 *(json.dumps({"n": nonce, "k": 1, "t": 5.0, "heard": [],
+                               "echo": {}, **bad}).encode() for bad in (
+                     {"k": "1"}, {"k": True}, {"k": 7}, {"k": -1},
+                     {"t": "5"}, {"t": None}, {"heard": "0"},
+                     {"heard": None}, {"echo": []},
+                     {"echo": {"0": 5}}, {"echo": {"0": [1]}},
+                     {"echo": {"0": ["a", "b"]}},
+                     {"echo": {"0": [[[[]]], 1]}}))]
+    return plain + [_signed(m, b"j" * 32) for m in malformed[:3]] + [
+        _signed(m, key) for m in malformed]
+
+
+def test_probe_survives_forged_and_malformed_datagrams():
+    """Nothing an outsider sends is parsed; nothing malformed counts (the
+    old probe died of RecursionError or KeyError on one datagram)."""
+    from apppot_mpi.mcastnet import ProbeState
+
+    a, b = ProbeState("n1", 0, 2, KEY), ProbeState("n1", 1, 2, KEY)
+    junk = probe_junk("n1")
+    for d in junk:
+        a.receive(d, 1.0)
+    assert a.rejected == len(junk) and a.received == 0
+    assert not a.heard_at and not a.last and not a.rtts
+    first = b.message(2.0)
+    a.receive(first, 2.1)
+    assert a.received == 1 and a.heard_at == {1: 2.1}
+    a.receive(first, 2.2)  # captured and replayed
+    a.receive(b.message(1.5), 2.3)  # older than what a has from b
+    assert a.received == 1 and a.rejected == len(junk) + 2
+    assert a.last[1] == (2.0, 2.1)
+    a.receive(b.message(3.0), 3.1)
+    assert a.received == 2
+
+
+def test_probe_reports_that_are_empty_or_malformed_are_failures():
+    from apppot_mpi.mcastnet import ProbeState, probe_failures
+
+    good = [ProbeState("n", k, 2, KEY) for k in range(2)]
+    for t in (1.0, 2.0):
+        m0, m1 = good[0].message(t), good[1].message(t)
+        good[0].receive(m1, t)
+        good[1].receive(m0, t)
+    reps = [g.report(1.0) for g in good]
+    assert probe_failures(reps, ["a", "b"]) == []
+    for bad in ({}, None, [], "x", {**reps[1], "node": 0},
+                {**reps[1], "heard": [0, "1"]}, {**reps[1], "heard": [9]},
+                {**reps[1], "rtt_ms": {"0": "x"}}, {**reps[1], "sent": None},
+                {k: v for k, v in reps[1].items() if k != "elapsed_ms"}):
+        assert probe_failures([reps[0], bad], ["a", "b"]) == [
+            "b: no usable probe report"]
+    err = {**reps[1], "error": "joining 239.1.1.1 port 5: No such device"}
+    assert probe_failures([reps[0], err], ["a", "b"]) == [
+        "b could not probe: joining 239.1.1.1 port 5: No such device"]
+    assert probe_failures([{}, {}], ["a", "b"]) == [
+        "a: no usable probe report", "b: no usable probe report"]
+
+
+PROBE_FLOOD = """\
+import json, socket, sys, threading, time
+sys.path[:0] = sys.argv[1:2]
+from test_mpi_units import probe_junk, KEY
+from apppot_mpi import mcastnet
+assert mcastnet.enter_private_netns()
+group, port = "239.193.7.9", 40001
+junk = probe_junk("n1")
+stop = threading.Event()
+def flood():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+    sent = 0
+    while not stop.is_set():
+        for d in junk:
+            try:
+                s.sendto(d, (group, port))
+                sent += 1
+            except OSError:  # EMSGSIZE for the largest
+                pass
+        time.sleep(0.001)
+    print(sent, file=sys.stderr)
+f = threading.Thread(target=flood)
+f.start()
+time.sleep(0.3)  # the flood is under way before the probe starts
+reports = [None, None]
+def probe(k):
+    reports[k] = mcastnet.run_probe(group, port, "n1", k, 2, key=KEY, ttl=0,
+                                    timeout=8)
+ts = [threading.Thread(target=probe, args=(k,)) for k in range(2)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+stop.set()
+f.join()
+print(json.dumps(reports))
+"""
+
+
+def test_probe_under_a_flood_of_junk_on_real_sockets(tmp_path):
+    """Two probes on one group in a private network namespace while a
+    sender floods it with the junk above: both complete."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "flood.py"
+    script.write_text(PROBE_FLOOD)
+    r = subprocess.run([sys.executable, str(script),
+                        str(Path(__file__).parent)], capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    reports = json.loads(r.stdout)
+    for rep in reports:
+        assert rep["complete"] and not rep["error"], rep
+        assert rep["rejected"] > 0 and rep["received"] > 0, rep
+    assert mcastnet.probe_failures(reports, ["a", "b"]) == []
 
 
 def test_guest_spec_survives_the_wire():
