@@ -141,6 +141,25 @@ def choose_transport(name, kern):
     return None
 
 
+def check_open_lan(transport, *, multi, private, allowed):
+    """``mcast`` carries the whole LAN (MPI data, the MPI launchers' control
+    connections) as plain multicast: whoever can join the group reads and
+    injects frames; only the agent authenticates.  Refuse it where anyone
+    but the job can join (across nodes, or one node without a private
+    network namespace) unless ``--allow-open-lan`` accepts that."""
+    if transport.name != "mcast" or allowed or (private and not multi):
+        return
+    where, hint = ("across nodes", "the cluster network") if multi else (
+        "without a private network namespace", "this host")
+    raise ConfigError(
+        f"LAN transport mcast {where}: the job's LAN (MPI data, launcher "
+        f"control) would be open to anyone on {hint} who joins its "
+        "multicast group", hint="use --transport hub (frames between nodes "
+        "are authenticated)" + ("" if multi else ", or let apppot-mpirun "
+                                "make a private namespace (no --no-netns)")
+        + "; --allow-open-lan accepts the open LAN")
+
+
 def job_key(job_id, user, salt=None):
     """Job id and user plus randomness: two jobs never share a LAN."""
     salt = secrets.token_hex(8) if salt is None else salt

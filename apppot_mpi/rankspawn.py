@@ -16,6 +16,13 @@ nodes is probed before anything boots, and all appliances share one LAN
 (TTL 1).  The job dir must be on a file system all nodes share.  Under
 ``srun -n N apppot-mpirun``, task 0 runs the whole step; the others exit 0.
 
+The LAN: the hub transport authenticates frames between nodes (a counter
+and a keyed tag; not encrypted) and keeps one node's frames off the
+network.  --transport mcast puts every frame, unauthenticated, on a
+multicast group anyone on the network (or host) can join, so it is refused
+across nodes and without a private network namespace unless
+--allow-open-lan is given.
+
 Exit status (Open MPI's rule): 0 if every rank succeeded, else the status of
 the lowest-numbered rank that failed (each rank's wrapper reports it; once
 a rank has failed the job gets 2 s to end by itself, then is stopped); 124
@@ -88,8 +95,11 @@ MPI_OPTIONS = tuple(
     Option("transport", ("--transport",),
            "the job LAN: hub (UML's vector driver to a hub process per "
            "node; MTU 9000; any current kernel), mcast (UML's legacy "
-           "multicast transport, kernels before 6.16; MTU 1500), or auto = "
-           "hub where the kernel has the vector driver (default: auto)",
+           "multicast transport, kernels before 6.16; MTU 1500; open to "
+           "anyone who joins its group, so refused across nodes and "
+           "without a private network namespace unless --allow-open-lan), "
+           "or auto = hub where the kernel has the vector driver (default: "
+           "auto)",
            kwargs=(("choices", ("auto", "hub", "mcast")),)),
     Option("launcher", ("--launcher",),
            "how to start the worker on the other nodes of a multi-node "
@@ -137,6 +147,11 @@ def build_parser():
     parser.add_argument("--no-netns", action="store_true",
                         help="use the host network (TTL 0) even where a "
                         "private network namespace is possible")
+    parser.add_argument("--allow-open-lan", action="store_true",
+                        help="accept --transport mcast across nodes or "
+                        "without a private network namespace, where anyone "
+                        "who joins the job's multicast group can read and "
+                        "inject its MPI traffic (refused otherwise)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan and the appliances' argv, start "
                         "nothing")
@@ -343,11 +358,18 @@ def run(args, environ=None):
     if per > 1 and not args.mem:
         common = replace(common, mem=default_mem(per))
     transport = mcastnet.choose_transport(args.transport, kern)
+    mcastnet.check_open_lan(transport, multi=multi, private=not args.no_netns,
+                            allowed=args.allow_open_lan)
     flavour = image_flavour(common.image, args.mpi)
     share_modules = choose_jobdir_fs(args.jobdir_fs or "auto", kern)
     starter = remote.choose(args.launcher, alloc.source, environ) \
         if multi else None
     exports = parse_env_args(args.export, environ)
+    in_netns = False
+    if not (args.no_netns or args.dry_run or multi):
+        in_netns = mcastnet.enter_private_netns()
+        mcastnet.check_open_lan(transport, multi=False, private=in_netns,
+                                allowed=args.allow_open_lan)
     output_dir = None
     if args.output_filename:
         output_dir = str(Path(args.output_filename).absolute())
@@ -364,9 +386,6 @@ def run(args, environ=None):
                  for k, v in exports.items()],
         tag_output=args.tag_output, output_dir=output_dir, as_root=uid == 0)
     job_id = alloc.job_id or str(os.getpid())
-    in_netns = False
-    if not (args.no_netns or args.dry_run or multi):
-        in_netns = mcastnet.enter_private_netns()
     # one node: TTL 0 keeps the LAN on this host; several: TTL 1 crosses
     # the cluster network's switches but no router
     lan = mcastnet.plan_lan(mcastnet.job_key(job_id, user), len(appliances),

@@ -668,6 +668,61 @@ def test_dry_run_starts_nothing(tmp_path, capsys, monkeypatch, image):
     assert "rank 1: eth0=mcast," in capsys.readouterr().out
 
 
+def test_open_lan_check():
+    mcast, hubt = mcastnet.McastTransport(), mcastnet.HubTransport()
+    for multi, private in ((False, True), (True, True), (True, False),
+                           (False, False)):
+        mcastnet.check_open_lan(hubt, multi=multi, private=private,
+                                allowed=False)
+        mcastnet.check_open_lan(mcast, multi=multi, private=private,
+                                allowed=True)
+    mcastnet.check_open_lan(mcast, multi=False, private=True, allowed=False)
+    with pytest.raises(ConfigError) as e:
+        mcastnet.check_open_lan(mcast, multi=True, private=True,
+                                allowed=False)
+    assert str(e.value) == (
+        "LAN transport mcast across nodes: the job's LAN (MPI data, "
+        "launcher control) would be open to anyone on the cluster network "
+        "who joins its multicast group")
+    assert e.value.hint == ("use --transport hub (frames between nodes are "
+                            "authenticated); --allow-open-lan accepts the "
+                            "open LAN")
+    with pytest.raises(ConfigError, match="without a private network "
+                       "namespace: .* anyone on this host") as e:
+        mcastnet.check_open_lan(mcast, multi=False, private=False,
+                                allowed=False)
+    assert "no --no-netns" in e.value.hint
+
+
+@pytest.mark.parametrize("how", ["no-netns", "no user namespaces",
+                                 "two nodes"])
+def test_open_mcast_lan_is_refused_before_anything_starts(
+        tmp_path, capsys, monkeypatch, image, how):
+    """One line and a hint, status 125, the job dir untouched (not even
+    --output-filename's directory), no namespace, worker or appliance."""
+    monkeypatch.chdir(tmp_path)
+    entered = []
+    monkeypatch.setattr(mcastnet, "enter_private_netns",
+                        lambda: entered.append(1) or False)
+    started = []
+    monkeypatch.setattr(rankspawn, "launch", lambda *a: started.append(a))
+    args = {"no-netns": ["--no-netns", "-n", "2"],
+            "no user namespaces": ["-n", "2"],
+            "two nodes": ["-H", "node0,node1", "--launcher", "netns"]}[how]
+    argv = ["--kernel", "/usr/bin/linux.uml", "--transport", "mcast",
+            "--output-filename", "out", *args, "python3", "x.py"]
+    code = rankspawn.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 125 and len(err) == 2, err
+    assert err[0].startswith("apppot-mpirun: error: LAN transport mcast ")
+    assert err[1].startswith("hint: use --transport hub")
+    assert os.listdir(tmp_path) == [] and not started
+    assert entered == ([1] if how == "no user namespaces" else [])
+    # the opt-in: accepted, and the launch is reached
+    assert rankspawn.main(["--allow-open-lan", *argv]) is None
+    assert len(started) == 1
+
+
 def test_agent_forwards_statuses_still_queued_when_stopped(tmp_path):
     # init ends the launcher's appliance with SIGTERM as soon as the MPI
     # launcher exits: statuses still in the FIFO must be forwarded first
