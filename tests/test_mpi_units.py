@@ -646,13 +646,18 @@ def test_guest_spec_survives_the_wire():
     assert GuestSpec.from_json(g.to_json()) == g
 
 
-def test_agent_signature_depends_on_secret_nonce_and_request():
+def test_agent_macs_depend_on_secret_nonce_and_request():
     from apppot_mpi.guest import agent
 
-    s = agent.sign(b"k" * 32, b"n" * 32, b'{"cmd": "true"}')
-    assert s != agent.sign(b"j" * 32, b"n" * 32, b'{"cmd": "true"}')
-    assert s != agent.sign(b"k" * 32, b"m" * 32, b'{"cmd": "true"}')
-    assert s != agent.sign(b"k" * 32, b"n" * 32, b'{"cmd": "id"}')
+    k, n, ln = b"k" * 32, b"n" * 32, b"\0\0\0\x0f"
+    head = agent.head_mac(k, n, ln)
+    assert head not in (agent.head_mac(b"j" * 32, n, ln),
+                        agent.head_mac(k, b"m" * 32, ln),
+                        agent.head_mac(k, n, b"\0\0\0\x10"))
+    body = agent.body_mac(k, n, ln, b'{"cmd": "true"}')
+    assert body != agent.body_mac(k, n, ln, b'{"cmd": "id!!"}')
+    assert body != agent.body_mac(k, b"m" * 32, ln, b'{"cmd": "true"}')
+    assert head != agent.body_mac(k, n, ln, b"")  # head and body differ
 
 
 def test_dry_run_starts_nothing(tmp_path, capsys, monkeypatch, image):
