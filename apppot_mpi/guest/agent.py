@@ -266,7 +266,11 @@ class Gate:
         del self.pending[p.sock]
         self.stats["authenticated"] += 1
         p.sock.setblocking(True)
-        self.authenticated(p.sock, p.nonce, length)
+        try:
+            self.authenticated(p.sock, p.nonce, length)
+        except RuntimeError as e:  # no thread to spare: the client retries
+            self.log(f"cannot serve a request now: {e}")
+            p.sock.close()
 
     def drop(self, p, what, why=""):
         self.stats[what] += 1
