@@ -228,29 +228,14 @@ def test_hubs_drop_frames_without_the_jobs_key(cluster, image, jobdir):
     """Anyone on the cluster network can reach the job's group; the hubs
     deliver only frames tagged with the job's key."""
     (jobdir / "forge.py").write_text(FORGER)
-    log = jobdir / "mpirun.err"
-    full = {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "PE_", "PBS_", "LSB_", "JOB_ID"))}
-    full.update(sge_env(jobdir, cluster))
-    with open(log, "w") as err:
-        p = subprocess.Popen(
-            ["ip", "netns", "exec", f"{cluster}node0", tool("apppot-mpirun"),
-             "--launcher", "netns", "-v", "--transport", "hub", "--per",
-             "rank", "--timeout", "60", "python3", "-c",
-             "from mpi4py import MPI; import os, time; c = MPI.COMM_WORLD; "
-             "c.Barrier(); open('started', 'w').close() if c.rank == 0 "
-             "else None; [time.sleep(0.1) for _ in range(100) "
-             "if not os.path.exists('forged')]; "
-             "print(c.rank, c.allreduce(c.rank + 1), flush=True)"],
-            env=full, cwd=jobdir, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=err, text=True)
-    deadline = time.monotonic() + 120
-    while not (jobdir / "started").exists():
-        assert p.poll() is None, log.read_text()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    group, port = re.search(r"LAN group (\S+) port (\d+)",
-                            log.read_text()).groups()
+    p, log = _job_log(jobdir, cluster, [
+        "--transport", "hub", "--per", "rank", "--timeout", "60", "python3",
+        "-c", "from mpi4py import MPI; import os, time; c = MPI.COMM_WORLD; "
+        "c.Barrier(); open('started', 'w').close() if c.rank == 0 "
+        "else None; [time.sleep(0.1) for _ in range(100) "
+        "if not os.path.exists('forged')]; "
+        "print(c.rank, c.allreduce(c.rank + 1), flush=True)"])
+    group, port = _started_lan(p, jobdir, log)
     subprocess.run(["ip", "netns", "exec", f"{cluster}node1", sys.executable,
                     str(jobdir / "forge.py"), group, port], check=True,
                    timeout=30)
@@ -282,6 +267,16 @@ def test_open_mcast_lan_across_nodes_is_refused(cluster, image, jobdir):
         "authenticated); --allow-open-lan accepts the open LAN"]
     assert time.monotonic() - t0 < 10
     assert set(os.listdir(jobdir)) == before | {"pe_hostfile"}
+
+
+def _started_lan(p, jobdir, log):
+    """Wait for the job's "started" file; its LAN group and port."""
+    deadline = time.monotonic() + 120
+    while not (jobdir / "started").exists():
+        assert p.poll() is None, log.read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return re.search(r"LAN group (\S+) port (\d+)", log.read_text()).groups()
 
 
 def _job_log(jobdir, cluster, args, env=None):
@@ -433,13 +428,7 @@ def test_hubs_drop_and_count_replayed_frames(cluster, image, jobdir):
     p, log = _job_log(jobdir, cluster, ["--transport", "hub", "--per",
                                         "rank", "--timeout", "120", "python3",
                                         "busy.py"])
-    deadline = time.monotonic() + 120
-    while not (jobdir / "started").exists():
-        assert p.poll() is None, log.read_text()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    group, port = re.search(r"LAN group (\S+) port (\d+)",
-                            log.read_text()).groups()
+    group, port = _started_lan(p, jobdir, log)
     replayers = [subprocess.Popen(
         ["ip", "netns", "exec", f"{cluster}{node}", sys.executable,
          str(jobdir / "replay.py"), group, port, "3"], stdout=subprocess.PIPE,
