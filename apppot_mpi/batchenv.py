@@ -95,6 +95,21 @@ def _int(text, where):
     return value
 
 
+# A host name: letters, digits, '.', '-', '_' (RFC 1123 plus the underscore
+# some batch systems allow), never starting with '-' or '.': every remote
+# start puts it on a command line (ssh, qrsh, pbs_tmrsh, blaunch, ip netns),
+# where '-oProxyCommand=...' would be an option and '../x' a path.
+HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}")
+
+
+def _host(name, where):
+    if not HOST_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: not a host name: {name!r}",
+                          hint="host names are letters, digits, '.', '-' "
+                          "and '_', starting with a letter, digit or '_'")
+    return name
+
+
 def _read_lines(path, var):
     try:
         with open(path) as f:
@@ -105,34 +120,35 @@ def _read_lines(path, var):
 
 
 # ----------------------------------------------------------------- Slurm
-def expand_hostlist(text):
+def expand_hostlist(text, var="SLURM_JOB_NODELIST"):
     """Slurm's compressed host list: ``node[01-04,07],gpu[1-2],login``."""
     hosts, item, depth = [], "", 0
     for ch in text.strip() + ",":
         if ch == "," and depth == 0:
             if item:
-                hosts.extend(_expand_item(item, text, MAX_HOSTS - len(hosts)))
+                hosts.extend(_host(h, var) for h in _expand_item(
+                    item, text, var, MAX_HOSTS - len(hosts)))
             item = ""
             continue
         depth += (ch == "[") - (ch == "]")
         if depth < 0 or depth > 1:
-            raise ConfigError(f"SLURM_JOB_NODELIST: unbalanced brackets in "
-                              f"{text!r}", hint="scontrol show hostnames")
+            raise ConfigError(f"{var}: unbalanced brackets in {text!r}",
+                              hint="scontrol show hostnames")
         item += ch
     if depth:
-        raise ConfigError(f"SLURM_JOB_NODELIST: unbalanced brackets in {text!r}",
+        raise ConfigError(f"{var}: unbalanced brackets in {text!r}",
                           hint="scontrol show hostnames")
     if not hosts:
-        raise ConfigError(f"SLURM_JOB_NODELIST: no hosts in {text!r}",
+        raise ConfigError(f"{var}: no hosts in {text!r}",
                           hint="scontrol show hostnames")
     return hosts
 
 
-def _expand_item(item, whole, room=MAX_HOSTS):
+def _expand_item(item, whole, var, room=MAX_HOSTS):
     m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)", item)
     if not m:
         if "[" in item or "]" in item:
-            raise ConfigError(f"SLURM_JOB_NODELIST: cannot parse {item!r} in "
+            raise ConfigError(f"{var}: cannot parse {item!r} in "
                               f"{whole!r}", hint="scontrol show hostnames")
         return [item]
     prefix, ranges, suffix = m.groups()
@@ -140,14 +156,14 @@ def _expand_item(item, whole, room=MAX_HOSTS):
     for part in ranges.split(","):
         lo, sep, hi = part.partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ConfigError(f"SLURM_JOB_NODELIST: bad range {part!r} in "
+            raise ConfigError(f"{var}: bad range {part!r} in "
                               f"{whole!r}", hint="scontrol show hostnames")
         first, last = int(lo), int(hi or lo)
         if last < first:
-            raise ConfigError(f"SLURM_JOB_NODELIST: empty range {part!r} in "
+            raise ConfigError(f"{var}: empty range {part!r} in "
                               f"{whole!r}", hint="scontrol show hostnames")
         if last - first + 1 > room - len(out):
-            raise ConfigError(f"SLURM_JOB_NODELIST: more than {MAX_HOSTS} "
+            raise ConfigError(f"{var}: more than {MAX_HOSTS} "
                               f"hosts in {whole!r}", hint="scontrol show "
                               "hostnames")
         width = len(lo)
@@ -192,10 +208,10 @@ class Slurm(BatchSystem):
     def allocation(self, environ):
         # Inside a step (srun), the step's nodes and tasks, not the job's.
         step = "SLURM_STEP_NODELIST" in environ
-        nodelist = (environ.get("SLURM_STEP_NODELIST") if step else None) or \
-            environ.get("SLURM_JOB_NODELIST") or _need(
-                environ, "SLURM_NODELIST", "Slurm")
-        hosts = expand_hostlist(nodelist)
+        names = ("SLURM_STEP_NODELIST",) * step + ("SLURM_JOB_NODELIST",
+                                                    "SLURM_NODELIST")
+        listvar = next((v for v in names if environ.get(v)), names[-1])
+        hosts = expand_hostlist(_need(environ, listvar, "Slurm"), listvar)
         var = "SLURM_STEP_TASKS_PER_NODE" if step else "SLURM_TASKS_PER_NODE"
         tasks = environ.get(var) or environ.get("SLURM_TASKS_PER_NODE")
         if tasks:
@@ -239,7 +255,8 @@ class GridEngine(BatchSystem):
                 raise ConfigError(f"PE_HOSTFILE {path}:{n}: expected "
                                   f"'host slots queue processors': {line!r}",
                                   hint="is this a Grid Engine PE host file?")
-            pairs.append((fields[0], _int(fields[1], f"PE_HOSTFILE {path}:{n}")))
+            where = f"PE_HOSTFILE {path}:{n}"
+            pairs.append((_host(fields[0], where), _int(fields[1], where)))
         if not pairs:
             raise ConfigError(f"PE_HOSTFILE {path} lists no hosts",
                               hint="request a parallel environment (qsub -pe)")
@@ -257,7 +274,8 @@ class PBS(BatchSystem):
 
     def allocation(self, environ):
         path = _need(environ, "PBS_NODEFILE", "PBS")
-        hosts = [line.strip() for line in _read_lines(path, "PBS_NODEFILE")
+        hosts = [_host(line.strip(), f"PBS_NODEFILE {path}:{n}") for n, line
+                 in enumerate(_read_lines(path, "PBS_NODEFILE"), 1)
                  if line.strip()]
         if not hosts:
             raise ConfigError(f"PBS_NODEFILE {path} lists no hosts",
@@ -283,12 +301,14 @@ class LSF(BatchSystem):
             if len(fields) % 2:
                 raise ConfigError(f"LSB_MCPU_HOSTS: expected 'host count' pairs:"
                                   f" {mcpu!r}", hint="check the LSF job")
-            pairs = [(fields[i], _int(fields[i + 1], "LSB_MCPU_HOSTS"))
+            pairs = [(_host(fields[i], "LSB_MCPU_HOSTS"),
+                      _int(fields[i + 1], "LSB_MCPU_HOSTS"))
                      for i in range(0, len(fields), 2)]
         else:
             path = environ["LSB_DJOB_HOSTFILE"]
-            pairs = [(h.strip(), 1) for h in _read_lines(path, "LSB_DJOB_HOSTFILE")
-                     if h.strip()]
+            pairs = [(_host(h.strip(), f"LSB_DJOB_HOSTFILE {path}:{n}"), 1)
+                     for n, h in enumerate(_read_lines(
+                         path, "LSB_DJOB_HOSTFILE"), 1) if h.strip()]
         if not pairs:
             raise ConfigError("LSF: the allocation lists no hosts",
                               hint="check LSB_MCPU_HOSTS / LSB_DJOB_HOSTFILE")
@@ -321,7 +341,7 @@ def parse_hostfile(path):
         if not host:
             raise ConfigError(f"{where}: no host name: {raw!r}",
                               hint="use 'host slots=N' or 'host:N'")
-        pairs.append((host, slots))
+        pairs.append((_host(host, where), slots))
     if not pairs:
         raise ConfigError(f"--hostfile {path} lists no hosts",
                           hint="one host per line")
@@ -337,7 +357,8 @@ def parse_hostlist(text):
             raise ConfigError(f"-H: empty host name in {text!r}",
                               hint="use -H host1,host2:2")
         host, _, count = item.partition(":")
-        pairs.append((host, _int(count, f"-H {item}") if count else 1))
+        pairs.append((_host(host, "-H"), _int(count, f"-H {item}")
+                      if count else 1))
     return Allocation("hostlist", merge_hosts(pairs))
 
 

@@ -10,10 +10,15 @@ Forwarding is static: the launcher knows every appliance's MAC and node,
 so a frame goes to the one local port or to the network by its
 destination, and broadcast/multicast floods (never back where it came
 from).  Between nodes, frames ride UDP multicast on the job's group (TTL 1)
-as ``"APHB" node(1) tag(16) frame``, the tag a keyed BLAKE2b over header and
-frame under a per-job key, so a host that can reach the group still cannot
-inject frames.  Ports that cannot take a frame at once queue up to
-BACKLOG frames, then drop (as a switch does; TCP recovers).
+as ``"APHB" node(1) counter(8) tag(16) frame``, the tag a keyed BLAKE2b
+over header and frame under a per-job key, so a host that can reach the
+group still cannot inject frames; the counter (per sending hub, from 1)
+and a sliding window of WINDOW counters per sender (as IPsec and WireGuard
+keep) make a captured frame useless to replay: a counter seen before, or
+older than the window, is dropped and counted.  Frames are authenticated,
+not encrypted: whoever can reach the group can read them.  Ports that
+cannot take a frame at once queue up to BACKLOG frames, then drop (as a
+switch does; TCP recovers).
 
 Run as ``python -m apppot_mpi.hub`` with the sockets inherited and its
 configuration as one JSON line on stdin; "ready" on stdout; EOF on stdin
@@ -32,10 +37,12 @@ import sys
 from collections import deque
 
 MAGIC = b"APHB"
-HEADER = struct.Struct("!4sB")
+HEADER = struct.Struct("!4sBQ")  # magic, sending node, its frame counter
 TAG = 16
 BACKLOG = 1024
 NET = -1  # the port index of the network
+WINDOW = 1024  # counters per sender a late (reordered) frame may lag by
+MASK = (1 << WINDOW) - 1
 
 
 def tag(key, header, frame):
@@ -45,6 +52,30 @@ def tag(key, header, frame):
     return h.digest()
 
 
+class ReplayWindow:
+    """One sender's counters seen so far: the highest, and a bitmap of the
+    WINDOW below it (bit k: counter top - k arrived).  Accepts each counter
+    once, in any order within the window; anything older is refused."""
+
+    __slots__ = ("top", "seen")
+
+    def __init__(self):
+        self.top, self.seen = 0, 1  # counters start at 1: 0 counts as seen
+
+    def accept(self, n):
+        if n > self.top:
+            shift = n - self.top
+            self.seen = ((self.seen << shift) | 1) & MASK \
+                if shift < WINDOW else 1
+            self.top = n
+            return True
+        age = self.top - n  # never 1 << age for an old counter: huge
+        if age >= WINDOW or self.seen >> age & 1:
+            return False  # too old, or seen before
+        self.seen |= 1 << age
+        return True
+
+
 class Hub:
     """Forwarding state and counters (the loop is ``serve``)."""
 
@@ -52,11 +83,12 @@ class Hub:
         self.ports = ports  # local sockets, index = port
         self.table = table  # MAC bytes -> local port index or NET
         self.net, self.key, self.node = net, key, node
-        self.header = HEADER.pack(MAGIC, node)
+        self.sent = 0  # our frame counter on the network
+        self.windows = {}  # sending node -> ReplayWindow
         self.backlog = [deque() for _ in ports]
         self.stats = {"frames_in": 0, "bytes_in": 0, "frames_out": 0,
                       "net_out": 0, "net_in": 0, "dropped": 0, "forged": 0,
-                      "queued": 0}
+                      "replayed": 0, "queued": 0}
         self.ep = None
 
     # ------------------------------------------------------- forwarding
@@ -118,9 +150,11 @@ class Hub:
         if self.net is None:
             return
         sock, addr = self.net
+        self.sent += 1
+        header = HEADER.pack(MAGIC, self.node, self.sent)
         try:
-            sock.sendmsg([self.header, tag(self.key, self.header, frame),
-                          frame], [], 0, addr)
+            sock.sendmsg([header, tag(self.key, header, frame), frame], [], 0,
+                         addr)
             self.stats["net_out"] += 1
         except OSError:
             self.stats["dropped"] += 1
@@ -131,13 +165,20 @@ class Hub:
         if len(data) < n + TAG + 14 or bytes(data[:4]) != MAGIC:
             self.stats["forged"] += 1
             return
-        frame = data[n + TAG:]
+        header, frame = bytes(data[:n]), data[n + TAG:]
         if not hmac.compare_digest(bytes(data[n:n + TAG]), tag(
-                self.key, bytes(data[:n]), frame)):
+                self.key, header, frame)):
             self.stats["forged"] += 1
             return
-        if data[4] == self.node:
+        _, sender, counter = HEADER.unpack(header)
+        if sender == self.node:
             return  # our own (multicast loop is off; this is defensive)
+        window = self.windows.get(sender)
+        if window is None:
+            window = self.windows[sender] = ReplayWindow()
+        if not window.accept(counter):
+            self.stats["replayed"] += 1
+            return
         self.stats["net_in"] += 1
         self.forward(frame, NET)
 

@@ -11,9 +11,11 @@ with multicast routed to lo for the job's helpers and, on one node, its LAN.
 import ctypes
 import errno
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import select
@@ -137,6 +139,25 @@ def choose_transport(name, kern):
             return cls()
     kern.require(McastTransport.kernel_feature, HubTransport.kernel_feature)
     return None
+
+
+def check_open_lan(transport, *, multi, private, allowed):
+    """``mcast`` carries the whole LAN (MPI data, the MPI launchers' control
+    connections) as plain multicast: whoever can join the group reads and
+    injects frames; only the agent authenticates.  Refuse it where anyone
+    but the job can join (across nodes, or one node without a private
+    network namespace) unless ``--allow-open-lan`` accepts that."""
+    if transport.name != "mcast" or allowed or (private and not multi):
+        return
+    where, hint = ("across nodes", "the cluster network") if multi else (
+        "without a private network namespace", "this host")
+    raise ConfigError(
+        f"LAN transport mcast {where}: the job's LAN (MPI data, launcher "
+        f"control) would be open to anyone on {hint} who joins its "
+        "multicast group", hint="use --transport hub (frames between nodes "
+        "are authenticated)" + ("" if multi else ", or let apppot-mpirun "
+                                "make a private namespace (no --no-netns)")
+        + "; --allow-open-lan accepts the open LAN")
 
 
 def job_key(job_id, user, salt=None):
@@ -357,66 +378,124 @@ def _add_route_to_lo(cidr):
 
 # ------------------------------------------------- multi-node multicast probe
 PROBE_INTERVAL = 0.02
+PROBE_MAGIC = b"APPR"
+PROBE_TAG = 16
+
+
+def probe_key(secret):
+    """The probe's key, from the job secret (hex) every node's plan holds."""
+    return hashlib.sha256(b"apppot-probe\0" + secret.encode()).digest()
+
+
+def probe_limit(count):
+    """Bytes a real probe datagram among ``count`` nodes stays under (its
+    lists grow by one short entry per node); anything larger is dropped
+    unread."""
+    return min(65000, 512 + 96 * count)
+
+
+def _probe_tag(key, body):
+    return hashlib.blake2b(body, key=key, digest_size=PROBE_TAG).digest()
+
+
+def _number(x):
+    return type(x) in (int, float) and math.isfinite(x)
 
 
 @dataclass
 class ProbeState:
     """One node's view of a probe among ``count`` nodes (pure logic).
 
-    Every node multicasts ``{"n": nonce, "k": me, "t": send time, "heard":
-    [...], "echo": {peer: [peer's send time, held]}}`` every 20 ms.  A node is
-    done when it heard every other node and every other node heard it; the
-    echoes give multicast round-trip times without synchronised clocks."""
+    Every node multicasts ``"APPR" tag body`` every 20 ms, the body
+    ``{"n": nonce, "k": me, "t": send time, "heard": [...], "echo": {peer:
+    [peer's send time, held]}}`` and the tag a keyed BLAKE2b of it under
+    the job's probe key.  A datagram that is too large, unauthenticated,
+    malformed or older than one already heard from its sender is dropped
+    (and counted) before any of it is parsed or used.  A node is done when
+    it heard every other node and every other node heard it; the echoes
+    give multicast round-trip times without synchronised clocks."""
 
     nonce: str
     me: int
     count: int
+    key: bytes
     heard_at: dict = field(default_factory=dict)  # peer -> first heard (s)
     peers_heard: dict = field(default_factory=dict)  # peer -> nodes it heard
     last: dict = field(default_factory=dict)  # peer -> (its t, our receive)
     rtts: dict = field(default_factory=dict)  # peer -> [seconds]
     sent: int = 0
     received: int = 0
+    rejected: int = 0  # datagrams dropped (forged, malformed, replayed)
     send_error: str = ""
 
     def message(self, now):
         self.sent += 1
         echo = {str(p): [t, now - got] for p, (t, got) in self.last.items()}
-        return json.dumps({"n": self.nonce, "k": self.me, "t": now,
-                           "heard": sorted(self.heard_at), "echo": echo}
-                          ).encode()
+        body = json.dumps({"n": self.nonce, "k": self.me, "t": now,
+                           "heard": sorted(self.heard_at), "echo": echo},
+                          separators=(",", ":")).encode()
+        return PROBE_MAGIC + _probe_tag(self.key, body) + body
 
     def receive(self, data, now, since=0.0):
-        try:
-            msg = json.loads(data)
-            peer = int(msg["k"])
-        except (ValueError, KeyError, TypeError):
+        msg = self._check(data)
+        if msg is None:
+            self.rejected += 1
             return
-        if msg.get("n") != self.nonce or peer == self.me or not (
-                0 <= peer < self.count):
-            return  # another job's probe, or our own looped back
+        peer, t, heard, echo = msg
         self.received += 1
         self.heard_at.setdefault(peer, now - since)
-        self.peers_heard[peer] = set(msg.get("heard", ()))
-        self.last[peer] = (msg["t"], now)
-        echo = msg.get("echo", {}).get(str(self.me))
+        self.peers_heard[peer] = heard
+        self.last[peer] = (t, now)
         if echo:
             self.rtts.setdefault(peer, []).append(now - echo[0] - echo[1])
+
+    def _check(self, data):
+        """(peer, t, heard, echo to us) of an authentic, well-formed, fresh
+        datagram from another node of this probe; else None."""
+        n = len(PROBE_MAGIC) + PROBE_TAG
+        if not n < len(data) <= probe_limit(self.count) or \
+                data[:len(PROBE_MAGIC)] != PROBE_MAGIC:
+            return None
+        body = data[n:]
+        if not hmac.compare_digest(data[len(PROBE_MAGIC):n],
+                                   _probe_tag(self.key, body)):
+            return None
+        try:  # authentic: one of our nodes made it; still check each field
+            msg = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(msg, dict) or msg.get("n") != self.nonce:
+            return None  # a previous start's probe under the same key
+        peer, t = msg.get("k"), msg.get("t")
+        heard, echo = msg.get("heard"), msg.get("echo")
+        if type(peer) is not int or not 0 <= peer < self.count or \
+                peer == self.me or not _number(t) or \
+                not isinstance(heard, list) or not isinstance(echo, dict):
+            return None
+        if peer in self.last and t <= self.last[peer][0]:
+            return None  # replayed (or reordered): we have a newer one
+        heard = {h for h in heard if type(h) is int}
+        mine = echo.get(str(self.me))
+        if mine is not None and not (isinstance(mine, list) and len(
+                mine) == 2 and all(_number(x) for x in mine)):
+            return None
+        return peer, t, heard, mine
 
     def done(self):
         others = set(range(self.count)) - {self.me}
         return set(self.heard_at) >= others and all(
             self.me in self.peers_heard.get(p, ()) for p in others)
 
-    def report(self, elapsed):
+    def report(self, elapsed, error=""):
         return {"node": self.me, "heard": sorted(self.heard_at),
                 "heard_ms": {str(p): round(t * 1e3, 2)
                              for p, t in self.heard_at.items()},
                 "rtt_ms": {str(p): round(sorted(v)[len(v) // 2] * 1e3, 3)
                            for p, v in self.rtts.items()},
                 "sent": self.sent, "received": self.received,
-                "complete": self.done(), "elapsed_ms": round(elapsed * 1e3, 1),
-                "send_error": self.send_error}
+                "rejected": self.rejected, "complete": self.done(),
+                "elapsed_ms": round(elapsed * 1e3, 1),
+                "send_error": self.send_error, "error": error}
 
 
 def probe_port(port):
@@ -425,20 +504,33 @@ def probe_port(port):
     return port + 1 if port < 65535 else port - 1
 
 
-def run_probe(group, port, nonce, me, count, *, ttl=1, timeout=5.0,
+def run_probe(group, port, nonce, me, count, *, key, ttl=1, timeout=5.0,
               linger=0.2):
     """Multicast probe among ``count`` nodes (run concurrently on each);
-    returns ``ProbeState.report``.  Keeps answering for ``linger`` s after
-    this node is done, so slower peers can finish too."""
-    state = ProbeState(nonce, me, count)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((group, port))  # only this group's datagrams
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                     socket.inet_aton(group) + bytes(4))  # any interface
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-        t0 = time.monotonic()
+    returns ``ProbeState.report``, with ``error`` set if this node could
+    not take part at all.  Keeps answering for ``linger`` s after this
+    node is done, so slower peers can finish too."""
+    state = ProbeState(nonce, me, count, key)
+    t0 = time.monotonic()
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError as e:
+        return state.report(0.0, f"probe socket: {e.strerror or e}")
+    with s:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # room to ride out a flood of junk until it is read and dropped
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.bind((group, port))  # only this group's datagrams
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                         socket.inet_aton(group) + bytes(4))  # any interface
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        except OSError as e:
+            return state.report(0.0, f"joining {group} port {port}: "
+                                f"{e.strerror or e}")
+        s.setblocking(False)
+        limit = probe_limit(count)
         end = t0 + timeout
         done_at = None
         next_send = t0
@@ -456,18 +548,47 @@ def run_probe(group, port, nonce, me, count, *, ttl=1, timeout=5.0,
                 break
             r, _, _ = select.select([s], [], [], max(0.0, min(
                 next_send, end) - now))
-            if r:
-                data = s.recv(65536)
+            for _ in range(256) if r else ():  # a batch, then send on time
+                try:  # one byte over the limit tells an oversized datagram
+                    data = s.recv(limit + 1)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:  # e.g. an ICMP error queued on the socket
+                    continue
                 state.receive(data, time.monotonic(), t0)
         return state.report((done_at or time.monotonic()) - t0)
 
 
+def _valid_report(rep, node, count):
+    """A report as ``ProbeState.report`` makes them, from node ``node``."""
+    def numbers(d):
+        return isinstance(d, dict) and all(
+            isinstance(k, str) and _number(v) for k, v in d.items())
+    return (isinstance(rep, dict) and rep.get("node") == node
+            and isinstance(rep.get("heard"), list)
+            and all(type(h) is int and 0 <= h < count for h in rep["heard"])
+            and numbers(rep.get("rtt_ms")) and all(
+                type(rep.get(k)) is int for k in ("sent", "received"))
+            and _number(rep.get("elapsed_ms"))
+            and isinstance(rep.get("send_error", ""), str)
+            and isinstance(rep.get("error", ""), str))
+
+
 def probe_failures(reports, names):
-    """Which node did not hear which, from every node's report (pure)."""
-    missing = [f"{names[r['node']]} cannot send to the group: "
-               f"{r['send_error']}" for r in reports if r.get("send_error")]
-    for rep in reports:
-        me = rep["node"]
+    """Which node did not hear which, from every node's report (pure);
+    report i is node i's (an empty or malformed one is a failure)."""
+    missing = []
+    for me, rep in enumerate(reports):
+        if not _valid_report(rep, me, len(names)):
+            missing.append(f"{names[me]}: no usable probe report")
+        elif rep.get("error"):
+            missing.append(f"{names[me]} could not probe: {rep['error']}")
+        elif rep.get("send_error"):
+            missing.append(f"{names[me]} cannot send to the group: "
+                           f"{rep['send_error']}")
+    for me, rep in enumerate(reports):
+        if not _valid_report(rep, me, len(names)) or rep.get("error"):
+            continue
         for peer in range(len(names)):
             if peer != me and peer not in rep["heard"]:
                 missing.append(f"{names[me]} did not hear {names[peer]}")

@@ -16,6 +16,13 @@ nodes is probed before anything boots, and all appliances share one LAN
 (TTL 1).  The job dir must be on a file system all nodes share.  Under
 ``srun -n N apppot-mpirun``, task 0 runs the whole step; the others exit 0.
 
+The LAN: the hub transport authenticates frames between nodes (a counter
+and a keyed tag; not encrypted) and keeps one node's frames off the
+network.  --transport mcast puts every frame, unauthenticated, on a
+multicast group anyone on the network (or host) can join, so it is refused
+across nodes and without a private network namespace unless
+--allow-open-lan is given.
+
 Exit status (Open MPI's rule): 0 if every rank succeeded, else the status of
 the lowest-numbered rank that failed (each rank's wrapper reports it; once
 a rank has failed the job gets 2 s to end by itself, then is stopped); 124
@@ -90,8 +97,11 @@ MPI_OPTIONS = tuple(
     Option("transport", ("--transport",),
            "the job LAN: hub (UML's vector driver to a hub process per "
            "node; MTU 9000; any current kernel), mcast (UML's legacy "
-           "multicast transport, kernels before 6.16; MTU 1500), or auto = "
-           "hub where the kernel has the vector driver (default: auto)",
+           "multicast transport, kernels before 6.16; MTU 1500; open to "
+           "anyone who joins its group, so refused across nodes and "
+           "without a private network namespace unless --allow-open-lan), "
+           "or auto = hub where the kernel has the vector driver (default: "
+           "auto)",
            kwargs=(("choices", ("auto", "hub", "mcast")),)),
     Option("launcher", ("--launcher",),
            "how to start the worker on the other nodes of a multi-node "
@@ -139,6 +149,11 @@ def build_parser():
     parser.add_argument("--no-netns", action="store_true",
                         help="use the host network (TTL 0) even where a "
                         "private network namespace is possible")
+    parser.add_argument("--allow-open-lan", action="store_true",
+                        help="accept --transport mcast across nodes or "
+                        "without a private network namespace, where anyone "
+                        "who joins the job's multicast group can read and "
+                        "inject its MPI traffic (refused otherwise)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan and the appliances' argv, start "
                         "nothing")
@@ -197,7 +212,11 @@ def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
             # abort only for ranks that die before MPI_Finalize, as Hydra
             # does: a non-zero exit after it must not kill ranks that are
             # exiting with their own status (RANK_GRACE ends the job then)
-            "--mca", "orte_abort_on_non_zero_status", "0"]
+            "--mca", "orte_abort_on_non_zero_status", "0",
+            # session dirs and PMIx's shared-memory store on the guest's
+            # tmpfs, whatever TMPDIR says (in the 9P job dir PMIx cannot
+            # map its store)
+            "--mca", "orte_tmpdir_base", "/tmp"]
     if as_root:
         argv.append("--allow-run-as-root")
     for name, _ in exports:
@@ -357,9 +376,11 @@ def run(args, environ=None):
     # one node for the whole LAN (unless --no-netns)
     netns, no_netns_why = (True, "") if args.dry_run else \
         mcastnet.private_netns_possible()
+    lan_netns = netns and not (args.no_netns or multi)
+    mcastnet.check_open_lan(transport, multi=multi, private=lan_netns,
+                            allowed=args.allow_open_lan)
     share_modules = choose_jobdir_fs(args.jobdir_fs or "auto", kern,
                                      no_netns_why)
-    lan_netns = netns and not (args.no_netns or multi)
     if not netns and not multi and not args.no_netns:
         log.info("no private network namespace (%s): the LAN uses this one",
                  no_netns_why)

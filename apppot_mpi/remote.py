@@ -10,6 +10,12 @@ of that name on this machine (simulated clusters, tests).
 
 The worker's plan (including the job's agent secret) travels on the
 worker's stdin, never on a command line; its reports come back on stdout.
+
+Host names come from the allocation, which batchenv has already checked
+(no leading '-', no shell or path characters); where the tool takes
+``--`` (ssh, srun: checked) it also ends the options before the host or
+command.  qrsh (``qrsh [options] [command]``), pbs_tmrsh (any other
+``-`` argument is an error) and blaunch have no ``--``.
 """
 
 import os
@@ -57,7 +63,7 @@ class Srun(RemoteStart):
         return [self.find() or "srun", "--nodes=1", "--ntasks=1",
                 f"--nodelist={host}", "--overlap", "--kill-on-bad-exit=1",
                 "--cpu-bind=none", "--export=ALL", "--input=all",
-                "--job-name=apppot-worker", *command]
+                "--job-name=apppot-worker", "--", *command]
 
 
 @register
@@ -111,8 +117,8 @@ class Ssh(RemoteStart):
         import shlex
 
         # ssh joins its arguments into one shell line: quote them
-        return [self.find() or "ssh", "-x", "-o", "BatchMode=yes", host,
-                shlex.join(command)]
+        return [self.find() or "ssh", "-x", "-o", "BatchMode=yes", "--",
+                host, shlex.join(command)]
 
 
 @register

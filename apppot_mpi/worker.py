@@ -187,9 +187,11 @@ class Cluster:
         workers boot; returns their handles.  Nothing boots unless every
         node hears every other."""
         nonce = secrets.token_hex(8)
+        secret = self.plans[0].guest.extra["mpi"]["secret"]
         probe = {"group": self.lan.group, "port": mcastnet.probe_port(
             self.lan.port), "nonce": nonce, "count": len(self.placement),
-            "ttl": self.lan.ttl, "timeout": PROBE_TIMEOUT}
+            "ttl": self.lan.ttl, "timeout": PROBE_TIMEOUT,
+            "key": mcastnet.probe_key(secret).hex()}  # on stdin, like plans
         remotes = []
         try:
             for k, ((host, indexes), (_, argv)) in enumerate(zip(
@@ -214,9 +216,8 @@ class Cluster:
 
     def _probe(self, remotes, probe, interrupted):
         mine = {}
-        t = threading.Thread(target=lambda: mine.update(mcastnet.run_probe(
-            probe["group"], probe["port"], probe["nonce"], 0, probe["count"],
-            ttl=probe["ttl"], timeout=probe["timeout"])), daemon=True)
+        t = threading.Thread(target=lambda: mine.update(_run_probe(probe, 0)),
+                             daemon=True)  # a report, or {} if it failed
         t.start()
         deadline = time.monotonic() + probe["timeout"] + 30
         while t.is_alive() or any(r.probe is None for r in remotes):
@@ -254,6 +255,13 @@ class Cluster:
                  len(reports), where, describe_probe(reports, self.names))
 
 
+def _run_probe(probe, node):
+    return mcastnet.run_probe(
+        probe["group"], probe["port"], probe["nonce"], node, probe["count"],
+        key=bytes.fromhex(probe["key"]), ttl=probe["ttl"],
+        timeout=probe["timeout"])
+
+
 def describe_probe(reports, names):
     """'node0: full mesh after 12.3 ms, rtt node1 0.21 ms; ...' (pure)."""
     parts = []
@@ -262,7 +270,8 @@ def describe_probe(reports, names):
                         for p, v in sorted(rep["rtt_ms"].items()))
         parts.append(f"{names[rep['node']]}: full mesh after "
                      f"{rep['elapsed_ms']:.1f} ms, {rep['sent']} sent, "
-                     f"{rep['received']} received, rtt {rtt or '-'}")
+                     f"{rep['received']} received, {rep.get('rejected', 0)} "
+                     f"rejected, rtt {rtt or '-'}")
     return "; ".join(parts)
 
 
@@ -305,10 +314,7 @@ def serve(msg, proto, stdin_fd):
     if settings.jobdir_fs != "hostfs":
         why = mcastnet.private_netns_possible()[1]
     share_modules = choose_jobdir_fs(settings.jobdir_fs, common.kernel, why)
-    pr = msg["probe"]
-    report = mcastnet.run_probe(pr["group"], pr["port"], pr["nonce"],
-                                msg["node"], pr["count"], ttl=pr["ttl"],
-                                timeout=pr["timeout"])
+    report = _run_probe(msg["probe"], msg["node"])
     _send(proto, {"ev": "probe", "report": report})
     line = _readline(stdin_fd)
     if not line or json.loads(line).get("cmd") != "boot":

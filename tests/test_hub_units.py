@@ -1,6 +1,8 @@
 """The hub's forwarding and frame authentication, in-process (no UML)."""
 
+import random
 import socket
+import time
 
 import pytest
 
@@ -84,6 +86,62 @@ def test_frames_between_nodes_need_the_jobs_key(three_ports):
     other_key.send_net(memoryview(f))
     b.receive_net(memoryview(other_key.net[0].sent[0]))
     assert drain(theirs[1]) == [] and b.stats["forged"] == 2
+
+
+def test_replay_window_accepts_each_counter_once_within_the_window():
+    w, W = hub.ReplayWindow(), hub.WINDOW
+    assert not w.accept(0)  # counters start at 1
+    assert w.accept(1) and w.accept(3) and w.accept(2)  # reordered: fine
+    assert not any(w.accept(n) for n in (1, 2, 3))  # duplicates
+    assert w.accept(W + 2)  # counter 3 is now the oldest the window holds
+    assert not w.accept(3) and w.accept(4)  # still remembered / new
+    assert w.accept(W + 3)  # 3 slid out of the window
+    assert not w.accept(3) and not w.accept(2)  # too old
+    assert w.accept(5)  # the window's oldest, never seen
+    assert w.accept(10 ** 15)  # a jump beyond the window forgets the rest
+    assert not w.accept(10 ** 15 - W) and w.accept(10 ** 15 - W + 1)
+    t0 = time.process_time()  # an ancient counter is cheap to refuse
+    assert not any(w.accept(1) for _ in range(10000))
+    assert time.process_time() - t0 < 0.5
+
+
+def test_replay_window_matches_a_reference_model():
+    rng = random.Random(12)  # noqa: S311  (a reproducible test sequence)
+    w, seen, top = hub.ReplayWindow(), set(), 0
+    for n in range(1, 20000):  # mostly in order, with reordering, replays
+        n = max(1, n + rng.choice([0] * 8 + [-1, -5, -200, -1100, 3]))
+        want = n not in seen and n > top - hub.WINDOW
+        assert w.accept(n) == want, (n, top)
+        if want:
+            seen.add(n)
+            top = max(top, n)
+
+
+def test_hub_drops_and_counts_replayed_frames(three_ports):
+    ours, theirs = three_ports
+    key = b"k" * 32
+    senders = [hub.Hub([], {mac(2): hub.NET}, net=(FakeNet(), None),
+                       key=key, node=k) for k in (0, 1)]
+    b = hub.Hub(ours[2:], {mac(0): hub.NET, mac(1): hub.NET, mac(2): 0},
+                net=(FakeNet(), None), key=key, node=2)
+    frames = [frame(mac(2), mac(k % 2), bytes([k]) * 40) for k in range(6)]
+    for k, f in enumerate(frames):  # two senders, three frames each
+        senders[k % 2].send_net(memoryview(f))
+    wires = [x.net[0].sent for x in senders]
+    assert [len(w) for w in wires] == [3, 3]
+    for w in (wires[0][2], wires[0][0], wires[1][0], wires[0][1],
+              wires[1][2], wires[1][1]):  # reordered: all arrive
+        b.receive_net(memoryview(w))
+    assert sorted(drain(theirs[2])) == sorted(frames)
+    for w in wires[0] + wires[1] + wires[0][:1]:  # captured and replayed
+        b.receive_net(memoryview(w))
+    assert drain(theirs[2]) == []
+    assert b.stats["replayed"] == 7 and b.stats["net_in"] == 6
+    assert b.stats["forged"] == 0
+    counter = bytearray(wires[0][2])
+    counter[12] += 1  # a fresh counter on a captured frame: the tag breaks
+    b.receive_net(memoryview(bytes(counter)))
+    assert drain(theirs[2]) == [] and b.stats["forged"] == 1
 
 
 def test_a_slow_port_queues_then_drops(three_ports, monkeypatch):

@@ -140,6 +140,79 @@ def test_explicit_beats_environment_and_pe_forces(tmp_path):
     assert batchenv.detect({}).slots == os.cpu_count()
 
 
+# Host names that would become options or paths on a remote start's
+# command line (ssh -oProxyCommand runs a command), or shell/JSON noise.
+ATTACK_HOSTS = ["-oProxyCommand=touch${IFS}/tmp/pwned", "-lroot", "--",
+                "../../run/netns/x", "a/b", "$(id)", "a;b", "`id`", ".hidden",
+                "n\u00f6de", "x" * 254]
+
+
+@pytest.mark.parametrize("bad", ATTACK_HOSTS)
+def test_every_allocation_source_refuses_a_bad_host_name(tmp_path, bad):
+    """Each source names itself (variable or file:line) and the name."""
+    quoted = repr(bad)
+
+    def refused(where, **kw):
+        with pytest.raises(ConfigError) as e:
+            batchenv.detect(**kw)
+        assert str(e.value) == f"{where}: not a host name: {quoted}"
+        assert "letters, digits" in e.value.hint
+
+    f = tmp_path / "hosts"
+    f.write_text(f"good1 slots=1\n{bad} slots=2\n")
+    refused(f"--hostfile {f}:2", environ={}, hostfile=str(f))
+    refused("-H", environ={}, hosts=f"good1,{bad}:2")
+    if "," not in bad and "[" not in bad:
+        slurm = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": f"n1,{bad}",
+                 "SLURM_TASKS_PER_NODE": "1(x2)"}
+        refused("SLURM_JOB_NODELIST", environ=slurm)
+        refused("SLURM_STEP_NODELIST", environ={
+            **slurm, "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": bad,
+            "SLURM_STEP_TASKS_PER_NODE": "1"})
+        refused("SLURM_NODELIST", environ={"SLURM_JOBID": "1",
+                                           "SLURM_NODELIST": bad})
+    f.write_text(f"good1 2 q@good1 UNDEFINED\n{bad} 2 q UNDEFINED\n")
+    refused(f"PE_HOSTFILE {f}:2", environ={"PE_HOSTFILE": str(f),
+                                            "JOB_ID": "9"})
+    f.write_text(f"good1\n\n{bad}\n")
+    refused(f"PBS_NODEFILE {f}:3", environ={"PBS_JOBID": "5",
+                                             "PBS_NODEFILE": str(f)})
+    refused(f"LSB_DJOB_HOSTFILE {f}:3", environ={
+        "LSB_JOBID": "3", "LSB_DJOB_HOSTFILE": str(f)})
+    refused("LSB_MCPU_HOSTS", environ={"LSB_JOBID": "3",
+                                       "LSB_MCPU_HOSTS": f"good1 2 {bad} 2"})
+
+
+def test_ordinary_host_names_pass():
+    hosts = "node01,n-2.cluster.example,gpu_3,10.1.2.3,A" + "b" * 200
+    assert [h for h, _ in batchenv.detect({}, hosts=hosts).hosts] == \
+        hosts.split(",")
+
+
+def test_hostfile_with_an_ssh_option_starts_nothing(tmp_path, capsys,
+                                                   monkeypatch):
+    """The whole CLI: one line naming the file and line, a hint, 125;
+    the fake ssh first on PATH is never run."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ssh").write_text(f"#!/bin/sh\ntouch {tmp_path}/ssh-ran\n")
+    (fake / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    hf = tmp_path / "hosts"
+    hf.write_text("localhost slots=1\n-oProxyCommand=touch${IFS}pwned "
+                  "slots=2\n")
+    before = sorted(os.listdir(tmp_path))
+    code = rankspawn.main(["--hostfile", str(hf), "-n", "3", "true"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 125
+    assert err == [f"apppot-mpirun: error: --hostfile {hf}:2: not a host "
+                   "name: '-oProxyCommand=touch${IFS}pwned'",
+                   "hint: host names are letters, digits, '.', '-' and '_', "
+                   "starting with a letter, digit or '_'"]
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 # ------------------------------------------------------------- mcastnet
 def test_lan_plan_is_deterministic_per_key_and_distinct_per_job():
     k1 = mcastnet.job_key("42", "alice", salt="s")
@@ -367,7 +440,7 @@ def test_remote_start_argv_is_data():
     cmd = ["/venv/bin/python", "-m", "apppot_mpi.worker"]
     env = {"PATH": "/nonexistent", "APPPOT_NETNS_PREFIX": "t1-"}
     srun = remote.Srun(env).argv("node7", cmd)
-    assert srun[0] == "srun" and srun[-3:] == cmd
+    assert srun[0] == "srun" and srun[-4:] == ["--", *cmd]
     assert "--nodelist=node7" in srun and "--overlap" in srun
     assert "--ntasks=1" in srun and "--kill-on-bad-exit=1" in srun
     assert remote.Qrsh({**env, "SGE_ROOT": "/nonexistent"}).argv(
@@ -376,7 +449,9 @@ def test_remote_start_argv_is_data():
                                                    "n1", *cmd]
     assert remote.PbsTmrsh(env).argv("n1", cmd) == ["pbs_tmrsh", "n1", *cmd]
     ssh = remote.Ssh(env).argv("n1", ["p y", "-m", "x"])
-    assert ssh[-2:] == ["n1", "'p y' -m x"]  # one shell line, quoted
+    # "--" ends ssh's options: a host can never be one; one shell line
+    assert ssh == ["ssh", "-x", "-o", "BatchMode=yes", "--", "n1",
+                   "'p y' -m x"]
     assert remote.Netns(env).argv("node0", cmd) == [
         "ip", "netns", "exec", "t1-node0", *cmd]
 
@@ -394,15 +469,20 @@ def test_remote_start_follows_the_batch_system():
         remote.choose(None, "slurm", {"PATH": "/nonexistent"})
 
 
+KEY = b"k" * 32
+
+
 def test_probe_state_needs_a_full_mesh():
     from apppot_mpi.mcastnet import ProbeState, probe_failures
 
-    a, b, c = (ProbeState("n1", k, 3) for k in range(3))
-    other_job = ProbeState("n2", 1, 3)
+    a, b, c = (ProbeState("n1", k, 3, KEY) for k in range(3))
+    other_job = ProbeState("n2", 1, 3, KEY)
     a.receive(other_job.message(0.0), 0.0)
-    assert a.received == 0  # another job's nonce is ignored
+    assert a.received == 0  # another start's nonce is ignored
+    a.receive(ProbeState("n1", 1, 3, b"j" * 32).message(0.0), 0.0)
+    assert a.received == 0  # so is another job's key
     a.receive(a.message(0.0), 0.0)
-    assert a.received == 0  # so is our own looped-back datagram
+    assert a.received == 0  # and our own looped-back datagram
     for t in (1.0, 2.0):
         ma, mb = a.message(t), b.message(t)
         for x, m in ((b, ma), (a, mb)):
@@ -422,6 +502,140 @@ def test_probe_state_needs_a_full_mesh():
     assert probe_failures([s.report(1.0) for s in (a, b, c)], "xyz") == []
 
 
+def _signed(body, key=KEY):
+    from apppot_mpi import mcastnet
+
+    return mcastnet.PROBE_MAGIC + mcastnet._probe_tag(key, body) + body
+
+
+def probe_junk(nonce, key=KEY):
+    """Datagrams an attacker (or a broken peer) could send to the probe:
+    unsigned, signed with the wrong key, and signed but malformed."""
+    deep = b"[" * 30000 + b"]" * 30000  # RecursionError in json.loads
+    plain = [deep, b"", b"{}", b"null", b"\xff\xfe\x00", b"A" * 65000,
+             json.dumps({"n": nonce, "k": 1}).encode(),  # missing keys
+             json.dumps({"n": nonce, "k": 1, "t": 1, "heard": [0],
+                         "echo": {"0": [1, 2]}}).encode(),  # unsigned
+             b"APPR" + b"\0" * 16 + b"{}", b"APPR"]
+    malformed = [b"[" * 400 + b"]" * 400, b"{}", b"[]", b'"x"', b"1e999",
+                 b"\xff", json.dumps({"n": nonce}).encode(),
+                 *(json.dumps({"n": nonce, "k": 1, "t": 5.0, "heard": [],
+                               "echo": {}, **bad}).encode() for bad in (
+                     {"k": "1"}, {"k": True}, {"k": 7}, {"k": -1},
+                     {"t": "5"}, {"t": None}, {"heard": "0"},
+                     {"heard": None}, {"echo": []},
+                     {"echo": {"0": 5}}, {"echo": {"0": [1]}},
+                     {"echo": {"0": ["a", "b"]}},
+                     {"echo": {"0": [[[[]]], 1]}}))]
+    return plain + [_signed(m, b"j" * 32) for m in malformed[:3]] + [
+        _signed(m, key) for m in malformed]
+
+
+def test_probe_survives_forged_and_malformed_datagrams():
+    """Nothing an outsider sends is parsed; nothing malformed counts (the
+    old probe died of RecursionError or KeyError on one datagram)."""
+    from apppot_mpi.mcastnet import ProbeState
+
+    a, b = ProbeState("n1", 0, 2, KEY), ProbeState("n1", 1, 2, KEY)
+    junk = probe_junk("n1")
+    for d in junk:
+        a.receive(d, 1.0)
+    assert a.rejected == len(junk) and a.received == 0
+    assert not a.heard_at and not a.last and not a.rtts
+    first = b.message(2.0)
+    a.receive(first, 2.1)
+    assert a.received == 1 and a.heard_at == {1: 2.1}
+    a.receive(first, 2.2)  # captured and replayed
+    a.receive(b.message(1.5), 2.3)  # older than what a has from b
+    assert a.received == 1 and a.rejected == len(junk) + 2
+    assert a.last[1] == (2.0, 2.1)
+    a.receive(b.message(3.0), 3.1)
+    assert a.received == 2
+
+
+def test_probe_reports_that_are_empty_or_malformed_are_failures():
+    from apppot_mpi.mcastnet import ProbeState, probe_failures
+
+    good = [ProbeState("n", k, 2, KEY) for k in range(2)]
+    for t in (1.0, 2.0):
+        m0, m1 = good[0].message(t), good[1].message(t)
+        good[0].receive(m1, t)
+        good[1].receive(m0, t)
+    reps = [g.report(1.0) for g in good]
+    assert probe_failures(reps, ["a", "b"]) == []
+    for bad in ({}, None, [], "x", {**reps[1], "node": 0},
+                {**reps[1], "heard": [0, "1"]}, {**reps[1], "heard": [9]},
+                {**reps[1], "rtt_ms": {"0": "x"}}, {**reps[1], "sent": None},
+                {k: v for k, v in reps[1].items() if k != "elapsed_ms"}):
+        assert probe_failures([reps[0], bad], ["a", "b"]) == [
+            "b: no usable probe report"]
+    err = {**reps[1], "error": "joining 239.1.1.1 port 5: No such device"}
+    assert probe_failures([reps[0], err], ["a", "b"]) == [
+        "b could not probe: joining 239.1.1.1 port 5: No such device"]
+    assert probe_failures([{}, {}], ["a", "b"]) == [
+        "a: no usable probe report", "b: no usable probe report"]
+
+
+PROBE_FLOOD = """\
+import json, socket, sys, threading, time
+sys.path[:0] = sys.argv[1:2]
+from test_mpi_units import probe_junk, KEY
+from apppot_mpi import mcastnet
+assert mcastnet._make_private_netns() == 0
+group, port = "239.193.7.9", 40001
+junk = probe_junk("n1")
+stop = threading.Event()
+def flood():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+    sent = 0
+    while not stop.is_set():
+        for d in junk:
+            try:
+                s.sendto(d, (group, port))
+                sent += 1
+            except OSError:  # EMSGSIZE for the largest
+                pass
+        time.sleep(0.001)
+    print(sent, file=sys.stderr)
+f = threading.Thread(target=flood)
+f.start()
+time.sleep(0.3)  # the flood is under way before the probe starts
+reports = [None, None]
+def probe(k):
+    reports[k] = mcastnet.run_probe(group, port, "n1", k, 2, key=KEY, ttl=0,
+                                    timeout=8)
+ts = [threading.Thread(target=probe, args=(k,)) for k in range(2)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+stop.set()
+f.join()
+print(json.dumps(reports))
+"""
+
+
+def test_probe_under_a_flood_of_junk_on_real_sockets(tmp_path):
+    """Two probes on one group in a private network namespace while a
+    sender floods it with the junk above: both complete."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "flood.py"
+    script.write_text(PROBE_FLOOD)
+    r = subprocess.run([sys.executable, str(script),
+                        str(Path(__file__).parent)], capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    reports = json.loads(r.stdout)
+    for rep in reports:
+        assert rep["complete"] and not rep["error"], rep
+        assert rep["rejected"] > 0 and rep["received"] > 0, rep
+    assert mcastnet.probe_failures(reports, ["a", "b"]) == []
+
+
 def test_guest_spec_survives_the_wire():
     from apppot.spec import GuestSpec
 
@@ -432,13 +646,18 @@ def test_guest_spec_survives_the_wire():
     assert GuestSpec.from_json(g.to_json()) == g
 
 
-def test_agent_signature_depends_on_secret_nonce_and_request():
+def test_agent_macs_depend_on_secret_nonce_and_request():
     from apppot_mpi.guest import agent
 
-    s = agent.sign(b"k" * 32, b"n" * 32, b'{"cmd": "true"}')
-    assert s != agent.sign(b"j" * 32, b"n" * 32, b'{"cmd": "true"}')
-    assert s != agent.sign(b"k" * 32, b"m" * 32, b'{"cmd": "true"}')
-    assert s != agent.sign(b"k" * 32, b"n" * 32, b'{"cmd": "id"}')
+    k, n, ln = b"k" * 32, b"n" * 32, b"\0\0\0\x0f"
+    head = agent.head_mac(k, n, ln)
+    assert head not in (agent.head_mac(b"j" * 32, n, ln),
+                        agent.head_mac(k, b"m" * 32, ln),
+                        agent.head_mac(k, n, b"\0\0\0\x10"))
+    body = agent.body_mac(k, n, ln, b'{"cmd": "true"}')
+    assert body != agent.body_mac(k, n, ln, b'{"cmd": "id!!"}')
+    assert body != agent.body_mac(k, b"m" * 32, ln, b'{"cmd": "true"}')
+    assert head != agent.body_mac(k, n, ln, b"")  # head and body differ
 
 
 def test_dry_run_starts_nothing(tmp_path, capsys, monkeypatch, image):
@@ -452,6 +671,62 @@ def test_dry_run_starts_nothing(tmp_path, capsys, monkeypatch, image):
     code = rankspawn.main(["--dry-run", "--kernel", "/usr/bin/linux.uml",
                            "--transport", "mcast", "-n", "2", "true"])
     assert "rank 1: eth0=mcast," in capsys.readouterr().out
+
+
+def test_open_lan_check():
+    mcast, hubt = mcastnet.McastTransport(), mcastnet.HubTransport()
+    for multi, private in ((False, True), (True, True), (True, False),
+                           (False, False)):
+        mcastnet.check_open_lan(hubt, multi=multi, private=private,
+                                allowed=False)
+        mcastnet.check_open_lan(mcast, multi=multi, private=private,
+                                allowed=True)
+    mcastnet.check_open_lan(mcast, multi=False, private=True, allowed=False)
+    with pytest.raises(ConfigError) as e:
+        mcastnet.check_open_lan(mcast, multi=True, private=True,
+                                allowed=False)
+    assert str(e.value) == (
+        "LAN transport mcast across nodes: the job's LAN (MPI data, "
+        "launcher control) would be open to anyone on the cluster network "
+        "who joins its multicast group")
+    assert e.value.hint == ("use --transport hub (frames between nodes are "
+                            "authenticated); --allow-open-lan accepts the "
+                            "open LAN")
+    with pytest.raises(ConfigError, match="without a private network "
+                       "namespace: .* anyone on this host") as e:
+        mcastnet.check_open_lan(mcast, multi=False, private=False,
+                                allowed=False)
+    assert "no --no-netns" in e.value.hint
+
+
+@pytest.mark.parametrize("how", ["no-netns", "no user namespaces",
+                                 "two nodes"])
+def test_open_mcast_lan_is_refused_before_anything_starts(
+        tmp_path, capsys, monkeypatch, image, how):
+    """One line and a hint, status 125, the job dir untouched (not even
+    --output-filename's directory), no namespace, worker or appliance."""
+    monkeypatch.chdir(tmp_path)
+    probed = []
+    monkeypatch.setattr(mcastnet, "private_netns_possible",
+                        lambda: probed.append(1) or (
+                            how != "no user namespaces", "not allowed here"))
+    started = []
+    monkeypatch.setattr(rankspawn, "launch", lambda *a: started.append(a))
+    args = {"no-netns": ["--no-netns", "-n", "2"],
+            "no user namespaces": ["-n", "2"],
+            "two nodes": ["-H", "node0,node1", "--launcher", "netns"]}[how]
+    argv = ["--kernel", "/usr/bin/linux.uml", "--transport", "mcast",
+            "--output-filename", "out", *args, "python3", "x.py"]
+    code = rankspawn.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 125 and len(err) == 2, err
+    assert err[0].startswith("apppot-mpirun: error: LAN transport mcast ")
+    assert err[1].startswith("hint: use --transport hub")
+    assert os.listdir(tmp_path) == [] and not started
+    assert probed  # a forked probe, nothing of this process changed
+    # the opt-in: accepted, and the launch is reached
+    assert rankspawn.main(["--allow-open-lan", *argv]) is None
+    assert len(started) == 1
 
 
 def test_agent_forwards_statuses_still_queued_when_stopped(tmp_path):

@@ -290,7 +290,8 @@ def test_bad_input_errors(jobdir, nobody, image):
 def test_no_multicast_route_fails_fast(jobdir, image):
     t0 = time.monotonic()
     r = subprocess.run(["unshare", "-n", tool("apppot-mpirun"), "--no-netns",
-                        *MCAST, "-n", "2", "true"], cwd=jobdir,
+                        "--allow-open-lan", *MCAST, "-n", "2", "true"],
+                       cwd=jobdir,
                        capture_output=True,
                        stdin=subprocess.DEVNULL, timeout=60, check=False)
     assert r.returncode == 125, r.stderr
@@ -333,8 +334,8 @@ def test_two_jobs_on_one_host_are_isolated(jobdir, image, transport):
     apart."""
     script = jobdir / "iso.py"
     script.write_text(ISOLATION)
-    opts = " ".join(MCAST if transport == "mcast" else
-                    ["--transport", "hub", "--per", "rank"])
+    opts = " ".join(["--allow-open-lan", *MCAST] if transport == "mcast"
+                    else ["--transport", "hub", "--per", "rank"])
     holder = subprocess.run(
         ["unshare", "-n", "sh", "-c", SHARED_NETNS, "sh", "sh", "-c",
          f"TAG=jobA {tool('apppot-mpirun')} --no-netns {opts} -n 2 -x TAG "
@@ -350,8 +351,16 @@ def test_two_jobs_on_one_host_are_isolated(jobdir, image, transport):
     assert b == [["jobB"], ["jobB"]], (jobdir / "b.err").read_text()
 
 
-FORGE = r"""
-import json, os, socket, struct, hashlib, hmac
+GUEST_AGENT = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("agent",
+                                              "/usr/lib/apppot/agent.py")
+agent = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(agent)
+"""
+
+FORGE = GUEST_AGENT + r"""
+import json, os, socket
 from mpi4py import MPI
 c = MPI.COMM_WORLD
 result = None
@@ -359,18 +368,27 @@ if c.rank == 0:
     peer = socket.gethostbyname("r1")
     def attempt(key, cmd):
         s = socket.create_connection((peer, 7711), timeout=10)
-        nonce = s.recv(32)
-        payload = json.dumps({"cmd": cmd}).encode()
-        mac = hmac.new(key, nonce + payload, hashlib.sha256).digest()
-        s.sendall(mac + struct.pack("!I", len(payload)) + payload)
-        data = s.recv(100)
+        nonce = agent.recv_exact(s, agent.NONCE)
+        s.sendall(agent.request_bytes(key, nonce, json.dumps(
+            {"cmd": cmd}).encode()))
+        data = b""
+        try:
+            while chunk := s.recv(4096):
+                data += chunk
+        except ConnectionResetError:
+            pass
         s.close()
-        return data
+        frames = []
+        while data:
+            kind, size = agent.HEAD.unpack(data[:5])
+            frames.append([kind.decode(), data[5:5 + size].decode()])
+            data = data[5 + size:]
+        return frames
     jobdir = os.getcwd()
     forged = attempt(b"x" * 32, f"touch {jobdir}/pwned")
     secret = bytes.fromhex(open("/run/apppot/mpi/secret").read().strip())
     good = attempt(secret, "echo legit")
-    result = [forged.hex(), good[5:].decode()]
+    result = [forged, good]
 print(json.dumps(result)) if c.rank == 0 else None
 c.Barrier()
 """
@@ -383,9 +401,127 @@ def test_agent_rejects_unauthenticated_requests(jobdir, nobody, image):
                cwd=jobdir, user=nobody)
     assert r.returncode == 0, r.stderr
     forged, good = json.loads(r.stdout)
-    assert forged == ""  # connection closed, nothing sent back
-    assert good == "legit\n"  # positive control: the real secret works
+    assert forged == []  # connection closed, nothing sent back
+    # positive control: the real secret works
+    assert good == [["a", ""], ["o", "legit\n"], ["x", "0"]]
     assert not (jobdir / "pwned").exists()
+
+
+SIEGE = GUEST_AGENT + r"""
+import json, os, socket, subprocess, sys, threading, time
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+if c.rank != 0:  # their appliances' agents are the targets
+    while not os.path.exists("done"):
+        time.sleep(0.2)
+    sys.exit(0)
+peers = [socket.gethostbyname(h) for h in ("r1", "r2")]
+aliases = [f"10.253.1.{k}" for k in range(1, 12)]  # other hosts on the LAN
+for a in aliases:
+    subprocess.run(["sudo", "ip", "addr", "add", f"{a}/16", "dev", "eth0"],
+                   check=True)
+
+def lifetime(src, slow):
+    # seconds until the agent hangs up on a connection that never
+    # authenticates: idle, or one byte of the head every second
+    s = socket.socket()
+    s.bind((src, 0))
+    s.settimeout(1)
+    s.connect((peers[0], 7711))
+    t0 = time.monotonic()
+    sent = 0
+    while time.monotonic() - t0 < 15:
+        try:
+            if not s.recv(100):
+                return time.monotonic() - t0
+        except TimeoutError:
+            if slow and sent < 35:
+                s.send(b"x")
+                sent += 1
+        except OSError:
+            return time.monotonic() - t0
+    return None  # never dropped
+
+stop, opened = threading.Event(), [0]
+def flood(ip):  # hold 300 connections open, opening ~500 new ones a second
+    held, k = [], 0
+    while not stop.is_set():
+        try:
+            s = socket.socket()
+            s.bind((aliases[k % 10], 0))
+            k += 1
+            s.settimeout(2)
+            s.connect((ip, 7711))
+            held.append(s)
+            opened[0] += 1
+        except OSError:
+            s.close()
+        if len(held) > 300:
+            held.pop(0).close()
+        time.sleep(0.002)
+    for s in held:
+        s.close()
+
+timing = {}
+timers = [threading.Thread(target=lambda: timing.update(
+    idle=lifetime(aliases[10], False))), threading.Thread(
+    target=lambda: timing.update(slow=lifetime(aliases[10], True)))]
+floods = [threading.Thread(target=flood, args=(ip,)) for ip in peers]
+for t in timers + floods:
+    t.start()
+time.sleep(1)
+# a whole MPI job across the three appliances, started through the agents
+# under siege (the launcher command apppot-mpirun itself uses)
+env = {k: v for k, v in os.environ.items()
+       if not k.startswith(("OMPI_", "PMIX_", "OPAL_", "ORTE_"))}
+inner = subprocess.run(json.load(open("inner.json")), env=env,
+                       capture_output=True, text=True, timeout=120)
+probe = ("pid=$(pgrep -o -f '^/usr/bin/python3 -IB /usr/lib/apppot/agent.py "
+         "serve'); grep Threads: /proc/$pid/status; sudo ls /proc/$pid/fd "
+         "| wc -l")
+agent_r1 = subprocess.run(["/usr/lib/apppot/apppot-rsh", "r1", probe],
+                          capture_output=True, text=True, timeout=60)
+stop.set()
+for t in timers + floods:
+    t.join()
+print(json.dumps({"inner": inner.stdout.splitlines(), "rc": inner.returncode,
+                  "err": inner.stderr[-2000:], "opened": opened[0],
+                  "agent_r1": agent_r1.stdout.split(), **timing}), flush=True)
+open("done", "w").close()
+"""
+
+
+def test_agent_under_siege_still_starts_an_mpi_job(jobdir, nobody, image):
+    """From rank 0's appliance, addresses of its own on the LAN play other
+    hosts: they hold 300 idle connections to each other appliance's agent
+    and open ~500 more a second, while an idle and a slow connection time
+    the agent's patience; meanwhile a new MPI job is launched through the
+    agents.  Before the fix the agent grew a thread per connection and kept
+    idle ones forever."""
+    from apppot_mpi import rankspawn
+
+    (jobdir / "siege.py").write_text(SIEGE)
+    inner = rankspawn.launcher_argv("openmpi", 3, ["python3", "-c",
+                                                   ALLREDUCE])
+    inner.remove(rankspawn.RANKWRAP)  # its statuses are not the job's
+    (jobdir / "inner.json").write_text(json.dumps(inner))
+    r = mpirun(["--per", "rank", "-n", "3", "--timeout", "150", "python3",
+                "siege.py"], cwd=jobdir, user=nobody, timeout=240)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["rc"] == 0, res["err"]
+    assert [row[4] for row in rows(("\n".join(res["inner"]) + "\n").encode(
+        ))] == [6, 6, 6], res
+    from apppot_mpi.guest import agent
+    for kind in ("idle", "slow"):  # dropped at AUTH_TIMEOUT (5 s)
+        assert res[kind] is not None, res
+        assert agent.AUTH_TIMEOUT - 0.5 < res[kind] < agent.AUTH_TIMEOUT + 2.5
+    assert res["opened"] > 1000, res  # the siege was real
+    threads, fds = int(res["agent_r1"][1]), int(res["agent_r1"][2])
+    assert threads < 30 and fds < agent.MAX_PENDING + 60, res
+    print(f"siege: {res['opened']} connections opened; agent on r1: "
+          f"{threads} threads, {fds} fds; idle dropped after "
+          f"{res['idle']:.2f} s, slow after {res['slow']:.2f} s")
 
 
 def test_injected_frames_cannot_run_anything(jobdir, image):
@@ -394,7 +530,8 @@ def test_injected_frames_cannot_run_anything(jobdir, image):
     back), but without the job secret the agent runs nothing."""
     inject = Path(__file__).with_name("progs") / "inject.py"
     script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo && "
-              f"{tool('apppot-mpirun')} --no-netns {' '.join(MCAST)} -n 2 "
+              f"{tool('apppot-mpirun')} --no-netns --allow-open-lan "
+              f"{' '.join(MCAST)} -n 2 "
               "sleep 40 "
               "> job.out 2> job.err & "
               f"sleep 15; {sys.executable} {inject} {jobdir} > inject.json; "

@@ -104,7 +104,8 @@ def test_four_ranks_split_over_two_nodes(cluster, image, mpich_image, jobdir,
     env = sge_env(jobdir, cluster) if batch == "sge" else slurm_env(cluster)
     opts = {"hub": ["--transport", "hub", "--per", "rank"],
             "node": ["--kernel", own_kernel, "--per", "node"],
-            "mcast": ["--kernel", STOCK_KERNEL, "--transport", "mcast"]}[mode]
+            "mcast": ["--kernel", STOCK_KERNEL, "--transport", "mcast",
+                      "--allow-open-lan"]}[mode]
     t0 = time.monotonic()
     p = mpirun(cluster, "node0", ["-v", "--mpi", mpi, *opts, "python3",
                                   "prog.py"], env=env, cwd=jobdir)
@@ -228,29 +229,14 @@ def test_hubs_drop_frames_without_the_jobs_key(cluster, image, jobdir):
     """Anyone on the cluster network can reach the job's group; the hubs
     deliver only frames tagged with the job's key."""
     (jobdir / "forge.py").write_text(FORGER)
-    log = jobdir / "mpirun.err"
-    full = {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "PE_", "PBS_", "LSB_", "JOB_ID"))}
-    full.update(sge_env(jobdir, cluster))
-    with open(log, "w") as err:
-        p = subprocess.Popen(
-            ["ip", "netns", "exec", f"{cluster}node0", tool("apppot-mpirun"),
-             "--launcher", "netns", "-v", "--transport", "hub", "--per",
-             "rank", "--timeout", "60", "python3", "-c",
-             "from mpi4py import MPI; import os, time; c = MPI.COMM_WORLD; "
-             "c.Barrier(); open('started', 'w').close() if c.rank == 0 "
-             "else None; [time.sleep(0.1) for _ in range(100) "
-             "if not os.path.exists('forged')]; "
-             "print(c.rank, c.allreduce(c.rank + 1), flush=True)"],
-            env=full, cwd=jobdir, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=err, text=True)
-    deadline = time.monotonic() + 120
-    while not (jobdir / "started").exists():
-        assert p.poll() is None, log.read_text()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    group, port = re.search(r"LAN group (\S+) port (\d+)",
-                            log.read_text()).groups()
+    p, log = _job_log(jobdir, cluster, [
+        "--transport", "hub", "--per", "rank", "--timeout", "60", "python3",
+        "-c", "from mpi4py import MPI; import os, time; c = MPI.COMM_WORLD; "
+        "c.Barrier(); open('started', 'w').close() if c.rank == 0 "
+        "else None; [time.sleep(0.1) for _ in range(100) "
+        "if not os.path.exists('forged')]; "
+        "print(c.rank, c.allreduce(c.rank + 1), flush=True)"])
+    group, port = _started_lan(p, jobdir, log)
     subprocess.run(["ip", "netns", "exec", f"{cluster}node1", sys.executable,
                     str(jobdir / "forge.py"), group, port], check=True,
                    timeout=30)
@@ -261,3 +247,204 @@ def test_hubs_drop_frames_without_the_jobs_key(cluster, image, jobdir):
     assert sorted(out.split("\n")[:-1]) == ["0 10", "1 10", "2 10", "3 10"]
     head = re.search(r"^apppot: hub: .*forged (\d+)", err, re.M)
     assert head and int(head.group(1)) >= 4, err  # all caught at node0
+
+
+def test_open_mcast_lan_across_nodes_is_refused(cluster, image, jobdir):
+    """Without --allow-open-lan: one line and a hint, nothing started on
+    either node, the job dir untouched."""
+    before = set(os.listdir(jobdir))
+    t0 = time.monotonic()
+    p = mpirun(cluster, "node0", ["--kernel", STOCK_KERNEL, "--transport",
+                                  "mcast", "--output-filename", "out",
+                                  "true"],
+               env=sge_env(jobdir, cluster, slots=1), cwd=jobdir)
+    out, err = finish(p, 60)
+    assert p.returncode == 125, err
+    assert err.splitlines() == [
+        "apppot-mpirun: error: LAN transport mcast across nodes: the job's "
+        "LAN (MPI data, launcher control) would be open to anyone on the "
+        "cluster network who joins its multicast group",
+        "hint: use --transport hub (frames between nodes are "
+        "authenticated); --allow-open-lan accepts the open LAN"]
+    assert time.monotonic() - t0 < 10
+    assert set(os.listdir(jobdir)) == before | {"pe_hostfile"}
+
+
+def _started_lan(p, jobdir, log):
+    """Wait for the job's "started" file; its LAN group and port."""
+    deadline = time.monotonic() + 120
+    while not (jobdir / "started").exists():
+        assert p.poll() is None, log.read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return re.search(r"LAN group (\S+) port (\d+)", log.read_text()).groups()
+
+
+def _job_log(jobdir, cluster, args, env=None):
+    """Start apppot-mpirun -v on node0, stderr to a file the attackers
+    read (the LAN group is in its plan, as a verbose log would show)."""
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "PE_", "PBS_", "LSB_", "JOB_ID"))}
+    full.update(env or sge_env(jobdir, cluster))
+    log = jobdir / "mpirun.err"
+    with open(log, "w") as err:
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", f"{cluster}node0", tool("apppot-mpirun"),
+             "--launcher", "netns", "-v", *args], env=full, cwd=jobdir,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+            text=True)
+    return p, log
+
+
+PROBE_FLOODER = r"""
+import json, os, re, socket, sys, time
+log, done = sys.argv[1], sys.argv[2]
+end = time.monotonic() + 60
+m = None
+while not m:  # the plan (group and port) is logged before the probe
+    m = re.search(r"LAN group (\S+) port (\d+)", open(log).read())
+    assert time.monotonic() < end
+    time.sleep(0.002)
+group, port = m[1], int(m[2]) + 1  # mcastnet.probe_port
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+rx.bind((group, port))
+rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+              socket.inet_aton(group) + bytes(4))
+rx.setblocking(False)
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+deep = b"[" * 30000 + b"]" * 30000  # the old probe's RecursionError
+junk = [deep, b"{}", b"null", b"\xff\xfe", b"A" * 60000, b"",
+        json.dumps({"k": 1}).encode(), b"APPR" + bytes(16) + b"{}"]
+real, sent = [], 0
+while time.monotonic() < end and not os.path.exists(done):
+    try:
+        while True:  # the nodes' own probe datagrams (sent from the port)
+            d, addr = rx.recvfrom(65536)
+            if addr[1] == port:
+                real = (real + [d])[-4:]
+    except BlockingIOError:
+        pass
+    forged = []
+    for d in real:  # replayed as is, and mangled
+        forged += [d, d[:-1], d + b"}", d[:20] + deep[:1000], bytes(
+            [d[0] ^ 1]) + d[1:]]
+        i = d.find(b"{")  # the old probe's plain JSON: keep its nonce
+        try:
+            n = json.loads(d[i:])["n"]
+            forged += [json.dumps({"n": n, "k": 1}).encode(),
+                       json.dumps({"n": n, "k": 0, "t": 1, "heard": [1],
+                                   "echo": {"1": 5}}).encode()]
+        except (ValueError, KeyError, TypeError):
+            pass
+    for d in junk + forged:
+        tx.sendto(d, (group, port))
+        sent += 1
+    time.sleep(0.001)
+print(sent, len(real))
+"""
+
+PROGRESS = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
+            "print(c.rank, c.allreduce(c.rank + 1), flush=True)")
+
+
+def test_probe_flood_cannot_stop_a_multi_node_start(cluster, image, jobdir):
+    """A sender on node1 floods the probe's group from the moment the plan
+    exists: deeply nested JSON, junk, oversized datagrams, and the nodes'
+    own probe datagrams captured, mangled and replayed.  The job starts
+    and is correct; each node counts what it rejected."""
+    (jobdir / "flood.py").write_text(PROBE_FLOODER)
+    (jobdir / "mpirun.err").touch()
+    flooder = subprocess.Popen(
+        ["ip", "netns", "exec", f"{cluster}node1", sys.executable,
+         str(jobdir / "flood.py"), str(jobdir / "mpirun.err"),
+         str(jobdir / "done")], stdout=subprocess.PIPE, text=True)
+    try:
+        p, log = _job_log(jobdir, cluster, ["--per", "rank", "python3", "-c",
+                                            PROGRESS])
+        out, _ = finish(p, 240)
+    finally:
+        (jobdir / "done").touch()
+        sent, real = map(int, flooder.communicate(timeout=30)[0].split())
+    err = log.read_text()
+    assert p.returncode == 0, err
+    assert sorted(out.split("\n")[:-1]) == ["0 10", "1 10", "2 10", "3 10"]
+    rejected = re.search(r"multicast probe: all 2 nodes hear each other "
+                         r".*node0: [^;]* (\d+) rejected, .*node1: [^;]* "
+                         r"(\d+) rejected", err)
+    assert rejected, err
+    assert sent > 1000 and real > 0, (sent, real)  # replays were sent
+    assert int(rejected[1]) > 0 and int(rejected[2]) > 0
+    print(f"probe flood: {sent} datagrams sent; rejected: node0 "
+          f"{rejected[1]}, node1 {rejected[2]}")
+
+
+REPLAYER = r"""
+import socket, sys, time
+group, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((group, port))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+             socket.inet_aton(group) + bytes(4))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+s.settimeout(0.2)
+captured = []
+end = time.monotonic() + seconds
+while time.monotonic() < end:  # the other node's frames, as they pass
+    try:
+        captured.append(s.recv(65536))
+    except TimeoutError:
+        pass
+for d in captured:  # replayed into this node: its hub gets them
+    s.sendto(d, (group, port))
+    time.sleep(0.0002)
+print(len(captured))
+"""
+
+BUSY = """\
+import os, time
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+c.Barrier()
+if c.rank == 0:
+    open("started", "w").close()
+rounds = 0
+while not c.bcast(os.path.exists("replayed") if c.rank == 0 else None):
+    assert c.allreduce(c.rank + 1) == 10  # traffic between the nodes
+    rounds += 1
+    time.sleep(0.01)
+print(c.rank, c.allreduce(c.rank + 1), rounds > 0, flush=True)
+"""
+
+
+def test_hubs_drop_and_count_replayed_frames(cluster, image, jobdir):
+    """While the job exchanges data between the nodes, a process on each
+    node captures the other node's tagged frames off the group and replays
+    them all: each hub counts them as replays, none is delivered, and the
+    job's results are right."""
+    (jobdir / "replay.py").write_text(REPLAYER)
+    (jobdir / "busy.py").write_text(BUSY)
+    p, log = _job_log(jobdir, cluster, ["--transport", "hub", "--per",
+                                        "rank", "--timeout", "120", "python3",
+                                        "busy.py"])
+    group, port = _started_lan(p, jobdir, log)
+    replayers = [subprocess.Popen(
+        ["ip", "netns", "exec", f"{cluster}{node}", sys.executable,
+         str(jobdir / "replay.py"), group, port, "3"], stdout=subprocess.PIPE,
+        text=True) for node in ("node0", "node1")]
+    captured = [int(r.communicate(timeout=60)[0]) for r in replayers]
+    (jobdir / "replayed").touch()
+    out, _ = finish(p, 120)
+    err = log.read_text()
+    assert p.returncode == 0, err
+    assert sorted(out.split("\n")[:-1]) == [f"{r} 10 True" for r in range(4)]
+    replayed = {m[0]: int(m[1]) for m in re.findall(
+        r"^apppot(\[node1\])?: hub: .*replayed (\d+)", err, re.M)}
+    assert set(replayed) == {"", "[node1]"}, err
+    # node0's replayer captured node1's frames and replayed them to node0
+    for node, got in (("", captured[0]), ("[node1]", captured[1])):
+        assert got > 100, captured
+        assert replayed[node] >= 0.95 * got, (replayed, captured)
+    print(f"replayed: captured {captured}, counted {replayed}")

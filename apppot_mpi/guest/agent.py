@@ -8,11 +8,24 @@ the job LAN.  ``apppot-rsh HOST CMD...`` (Open MPI's ``plm_rsh_agent``,
 Hydra's ``-launcher-exec``) asks HOST's agent to run CMD with ``/bin/sh -c``
 as the job user, relays its stdout/stderr and returns its status, like ssh.
 
-Authentication: the agent sends a fresh 32-byte nonce; the client answers
-HMAC-SHA256(job secret, nonce + request).  The secret reaches the guests on
-their private control disks, never on a command line; a frame injected into
-the job's multicast group cannot produce a valid answer, so nothing runs.
-If the client goes away, the agent kills the command's process group.
+Protocol (the secret reaches the guests on their private control disks,
+never on a command line):
+
+    agent  → client  nonce (32 random bytes, fresh per connection)
+    client → agent   head: HMAC(secret, "head" nonce length) length(4)
+    client → agent   body: request (JSON, length bytes)
+                           HMAC(secret, "body" nonce length request)
+    agent  → client  frame "a" (accepted), then "o"/"e" output, "x" status
+
+Authenticate small first: until the 36-byte head proves the secret, a
+connection is one of at most MAX_PENDING (PER_PEER per address; the oldest
+goes first) held by one event loop, may take AUTH_TIMEOUT seconds, and
+makes the agent read nothing more.  The nonce makes every MAC single-use,
+so a recorded request cannot be replayed; the body's MAC keeps a peer that
+can see and inject LAN frames from swapping the request after the head.
+Rejections are logged to the console, rate-limited.  A client whose
+connection ends before "a" knows nothing ran and retries.  If the client
+goes away, the agent kills the command's process group.
 """
 
 import hashlib
@@ -20,19 +33,28 @@ import hmac
 import json
 import os
 import select
+import selectors
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 
 PORT = 7711
 SECRET = "/run/apppot/mpi/secret"  # noqa: S105  (a path)
 CONFIG = "/run/apppot/mpi/agent.json"
 NONCE = 32
+MAC = 32
+LENGTH = struct.Struct("!I")
 MAX_REQUEST = 1 << 20
-HEAD = struct.Struct("!cI")  # frame: kind (o, e, x), length
+AUTH_TIMEOUT = 5.0  # s an unauthenticated connection may take for its head
+BODY_TIMEOUT = 30.0  # s an authenticated client may take for its request
+MAX_PENDING = 64  # unauthenticated connections held at once...
+PER_PEER = 8  # ...and from one address
+RETRIES = 5  # client attempts while its connection ends before "a"
+HEAD = struct.Struct("!cI")  # frame: kind (a, o, e, x), length
 
 
 def recv_exact(sock, n):
@@ -45,8 +67,47 @@ def recv_exact(sock, n):
     return buf
 
 
-def sign(secret, nonce, payload):
-    return hmac.new(secret, nonce + payload, hashlib.sha256).digest()
+def head_mac(secret, nonce, length):
+    return hmac.new(secret, b"apppot-agent head\0" + nonce + length,
+                    hashlib.sha256).digest()
+
+
+def body_mac(secret, nonce, length, body):
+    return hmac.new(secret, b"apppot-agent body\0" + nonce + length + body,
+                    hashlib.sha256).digest()
+
+
+def request_bytes(secret, nonce, payload):
+    """What a client sends once it has the agent's nonce."""
+    length = LENGTH.pack(len(payload))
+    return (head_mac(secret, nonce, length) + length + payload
+            + body_mac(secret, nonce, length, payload))
+
+
+class RateLimitedLog:
+    """At most ``burst`` lines at once, then one per ``interval`` s; the
+    next line says how many were held back."""
+
+    def __init__(self, write, burst=5, interval=1.0, clock=time.monotonic):
+        self.write, self.burst, self.interval = write, burst, interval
+        self.clock = clock
+        self.tokens, self.stamp, self.held = float(burst), clock(), 0
+        self.lock = threading.Lock()
+
+    def __call__(self, msg):
+        with self.lock:
+            now = self.clock()
+            self.tokens = min(self.burst, self.tokens + (
+                now - self.stamp) / self.interval)
+            self.stamp = now
+            if self.tokens < 1:
+                self.held += 1
+                return
+            self.tokens -= 1
+            if self.held:
+                msg += f" ({self.held} more not logged)"
+                self.held = 0
+        self.write(msg)
 
 
 # ------------------------------------------------------------------ server
@@ -87,36 +148,172 @@ def serve(config):
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     secret = bytes.fromhex(config["secret"])
-    srv = socket.create_server((config["ip"], PORT), backlog=64)
-    threading.Thread(target=accept_loop, args=(srv, secret, config),
-                     daemon=True).start()
+    srv = socket.create_server((config["ip"], config.get("port", PORT)),
+                               backlog=64)
+    gate = Gate(secret, lambda sock, nonce, length: threading.Thread(
+        target=handle, args=(sock, nonce, length, secret, config,
+                             gate.log), daemon=True).start())
+    threading.Thread(target=gate.serve, args=(srv,), daemon=True).start()
     report_statuses(stop)  # in the main thread, where SIGTERM lands
 
 
-def accept_loop(srv, secret, config):
-    while True:
-        conn, _ = srv.accept()
-        threading.Thread(target=handle, args=(conn, secret, config),
-                         daemon=True).start()
+class Pending:
+    """A connection that has the nonce and owes us its head."""
+
+    __slots__ = ("sock", "peer", "nonce", "head", "deadline")
+
+    def __init__(self, sock, peer, nonce, deadline):
+        self.sock, self.peer, self.nonce = sock, peer, nonce
+        self.head, self.deadline = b"", deadline
 
 
-def handle(conn, secret, config):
-    with conn:
-        try:
-            nonce = os.urandom(NONCE)
-            conn.sendall(nonce)
-            mac = recv_exact(conn, 32)
-            (size,) = struct.unpack("!I", recv_exact(conn, 4))
-            if size > MAX_REQUEST:
+class Gate:
+    """One event loop holds every unauthenticated connection: it sends the
+    nonce, reads the head (never more), and hands a connection whose head
+    carries the secret's MAC to ``authenticated(sock, nonce, length)``.
+    Bounded: MAX_PENDING connections, PER_PEER per address (a new one
+    evicts that address's oldest, or the oldest of the busiest address),
+    each for AUTH_TIMEOUT s.  ``stats`` counts what happened."""
+
+    def __init__(self, secret, authenticated, *, log=None):
+        self.secret, self.authenticated = secret, authenticated
+        self.log = log or RateLimitedLog(console)
+        self.pending = {}  # socket -> Pending, oldest first
+        self.sel = selectors.DefaultSelector()
+        self.stats = dict.fromkeys(("connections", "authenticated", "closed",
+                                    "rejected", "timed_out", "evicted",
+                                    "unauthenticated_bytes"), 0)
+
+    def serve(self, srv, stop=None):
+        """Until ``stop`` (an Event, for tests) is set: forever here."""
+        srv.setblocking(False)
+        self.sel.register(srv, selectors.EVENT_READ)
+        while not (stop and stop.is_set()):
+            timeout = 0.1 if stop else None
+            if self.pending:  # all have the same grace: the oldest ends first
+                timeout = min(timeout or AUTH_TIMEOUT, max(0.0, next(iter(
+                    self.pending.values())).deadline - time.monotonic()))
+            for key, _ in self.sel.select(timeout):
+                if key.fileobj is srv:
+                    self.accept(srv)
+                elif key.fileobj in self.pending:
+                    self.read(self.pending[key.fileobj])
+            now = time.monotonic()
+            for p in [p for p in self.pending.values() if p.deadline <= now]:
+                self.drop(p, "timed_out", f"no credentials within "
+                          f"{AUTH_TIMEOUT:g} s")
+
+    def accept(self, srv):
+        for _ in range(MAX_PENDING):
+            try:
+                sock, addr = srv.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            payload = recv_exact(conn, size)
+            except OSError as e:  # e.g. out of file descriptors
+                self.log(f"accept: {e}")
+                time.sleep(0.1)  # not a busy loop while it lasts
+                return
+            self.stats["connections"] += 1
+            sock.setblocking(False)
+            nonce = os.urandom(NONCE)
+            try:
+                if sock.send(nonce) != NONCE:
+                    raise ConnectionError("short send")
+            except OSError:  # gone already (a peer's readiness check)
+                sock.close()
+                continue
+            self.make_room(addr[0])
+            p = Pending(sock, addr[0], nonce, time.monotonic() + AUTH_TIMEOUT)
+            self.pending[sock] = p
+            self.sel.register(sock, selectors.EVENT_READ)
+
+    def make_room(self, peer):
+        mine = [p for p in self.pending.values() if p.peer == peer]
+        if len(mine) >= PER_PEER:
+            victim = mine[0]
+        elif len(self.pending) >= MAX_PENDING:
+            count = {}
+            for p in self.pending.values():
+                count[p.peer] = count.get(p.peer, 0) + 1
+            busiest = max(count, key=count.get)
+            victim = next(p for p in self.pending.values()
+                          if p.peer == busiest)
+        else:
+            return
+        self.drop(victim, "evicted", "too many unauthenticated connections")
+
+    def read(self, p):
+        want = MAC + LENGTH.size - len(p.head)
+        try:
+            data = p.sock.recv(want)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(p, "closed")
+            return
+        self.stats["unauthenticated_bytes"] += len(data)
+        p.head += data
+        if len(p.head) < MAC + LENGTH.size:
+            return
+        mac, length = p.head[:MAC], p.head[MAC:]
+        if not hmac.compare_digest(mac, head_mac(self.secret, p.nonce,
+                                                 length)):
+            self.drop(p, "rejected", "unauthenticated request")
+            return
+        self.sel.unregister(p.sock)
+        del self.pending[p.sock]
+        self.stats["authenticated"] += 1
+        p.sock.setblocking(True)
+        try:
+            self.authenticated(p.sock, p.nonce, length)
+        except RuntimeError as e:  # no thread to spare: the client retries
+            self.log(f"cannot serve a request now: {e}")
+            p.sock.close()
+
+    def drop(self, p, what, why=""):
+        self.stats[what] += 1
+        if why:
+            self.log(f"{why}: dropped a connection from {p.peer}")
+        self.sel.unregister(p.sock)
+        del self.pending[p.sock]
+        p.sock.close()
+
+
+def handle(sock, nonce, length, secret, config, log):
+    """An authenticated head: read and check the request, then run it."""
+    with sock:
+        (size,) = LENGTH.unpack(length)
+        if size > MAX_REQUEST:
+            return
+        try:
+            sock.settimeout(BODY_TIMEOUT)
+            data = recv_exact(sock, size + MAC)
         except (OSError, ConnectionError):
             return
-        if not hmac.compare_digest(mac, sign(secret, nonce, payload)):
-            log(f"rejected unauthenticated request from {conn.getpeername()}")
+        body = data[:size]
+        if not hmac.compare_digest(data[size:], body_mac(secret, nonce,
+                                                         length, body)):
+            log("request body does not match its head: dropped")
             return
-        request = json.loads(payload)
-        run_request(conn, request["cmd"], config)
+        try:
+            cmd = json.loads(body)["cmd"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            cmd = None
+        if not isinstance(cmd, str):
+            log("malformed request: dropped")
+            return
+        sock.settimeout(None)
+        try:
+            sock.sendall(HEAD.pack(b"a", 0))
+        except OSError:
+            return
+        run_request(sock, cmd, config)
+        try:  # FIN now: close() alone waits for the watcher's recv
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def run_request(conn, cmd, config):
@@ -169,7 +366,7 @@ def run_request(conn, cmd, config):
         pass
 
 
-def log(msg):
+def console(msg):
     try:
         with open("/dev/console", "w") as con:
             con.write(f"apppot-agent: {msg}\n")
@@ -178,6 +375,34 @@ def log(msg):
 
 
 # ------------------------------------------------------------------ client
+class NotAccepted(ConnectionError):
+    """The connection ended before the agent accepted the request: nothing
+    ran, so trying again is safe."""
+
+
+def request(host, secret, payload, port=None, out=None):
+    """Send one request; relay its output; return the command's status."""
+    out = out or {b"o": sys.stdout.buffer, b"e": sys.stderr.buffer}
+    with socket.create_connection((host, port or PORT), timeout=30) as sock:
+        try:
+            nonce = recv_exact(sock, NONCE)
+            sock.sendall(request_bytes(secret, nonce, payload))
+            kind, _ = HEAD.unpack(recv_exact(sock, HEAD.size))
+        except (OSError, ConnectionError) as e:
+            raise NotAccepted(str(e)) from e
+        if kind != b"a":
+            raise ConnectionError(f"unexpected answer {kind!r}")
+        sock.settimeout(None)
+        while True:
+            kind, size = HEAD.unpack(recv_exact(sock, HEAD.size))
+            data = recv_exact(sock, size)
+            if kind == b"x":
+                return int(data)
+            stream = out[b"o" if kind == b"o" else b"e"]
+            stream.write(data)
+            stream.flush()
+
+
 def rsh(argv):
     """``apppot-rsh [ssh-style options] HOST CMD...`` → CMD's status."""
     args = list(argv)
@@ -190,23 +415,17 @@ def rsh(argv):
     with open(SECRET, "rb") as f:
         secret = bytes.fromhex(f.read().decode().strip())
     payload = json.dumps({"cmd": cmd}).encode()
-    try:
-        sock = socket.create_connection((host, PORT), timeout=30)
-        sock.settimeout(None)
-        nonce = recv_exact(sock, NONCE)
-        sock.sendall(sign(secret, nonce, payload)
-                     + struct.pack("!I", len(payload)) + payload)
-        while True:
-            kind, size = HEAD.unpack(recv_exact(sock, HEAD.size))
-            data = recv_exact(sock, size)
-            if kind == b"x":
-                return int(data)
-            out = sys.stdout if kind == b"o" else sys.stderr
-            out.buffer.write(data)
-            out.flush()
-    except (OSError, ConnectionError) as e:
-        print(f"apppot-rsh: {host}: {e}", file=sys.stderr)
-        return 255
+    for attempt in range(RETRIES):
+        try:
+            return request(host, secret, payload)
+        except NotAccepted as e:
+            error = e
+            time.sleep(0.1 * 2 ** attempt)  # evicted or timed out: again
+        except (OSError, ConnectionError) as e:
+            error = e
+            break
+    print(f"apppot-rsh: {host}: {error}", file=sys.stderr)
+    return 255
 
 
 def main(argv):
