@@ -26,6 +26,22 @@ from apppot.images import default_image
 VENV_BIN = Path(sys.executable).parent
 NOBODY = pwd.getpwnam("nobody")
 
+# This session's mark and temporary directory: every process a test starts
+# inherits both, so the leftover check below sees this session's processes
+# and run directories only, never those of a second session on the machine
+# (which it would otherwise kill).  Sticky and world-writable like /tmp:
+# tests run appliances as other users too.
+SESSION_MARK = "PYTEST_APPPOT_SESSION"
+os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{time.time_ns()}")
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="pytest-apppot-", dir="/dev/shm"))
+SESSION_TMP.chmod(0o1777)
+os.environ["TMPDIR"] = str(SESSION_TMP)
+tempfile.tempdir = None  # gettempdir() follows TMPDIR from now on
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+
 
 def tool(name):
     path = VENV_BIN / name
@@ -147,11 +163,24 @@ def is_uml(cmdline):
     return any(a.startswith("uml_dir=") for a in cmdline or ())
 
 
+def _this_session(proc):
+    """Started by this test session (its environment carries the mark)?
+    A process whose environment cannot be read counts as ours."""
+    try:
+        return proc.environ().get(SESSION_MARK) == os.environ[SESSION_MARK]
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:
+        return False
+
+
 def _ours():
     """UML kernels, helpers, watchdogs, workers, netns holders running."""
     found = {}
     for p in psutil.process_iter(["pid", "name", "cmdline", "create_time"]):
         cmd = p.info["cmdline"] or []
+        if not _this_session(p):
+            continue
         if p.info["name"] in ("linux.uml", "libslirp-helper", "diod") or (
                 is_uml(cmd)) or "apppot.watchdog" in cmd \
                 or "apppot_mpi.worker" in cmd or "apppot_mpi.hub" in cmd \
