@@ -57,7 +57,11 @@ def test_argv_interactive_and_plain_image():
 
 
 def test_hostfs_defaults_to_nothing():
-    assert "hostfs=/nonexistent" in make_spec(hostfs=None).argv()
+    assert "hostfs=/dev/null/apppot-no-host-files" in make_spec(
+        hostfs=None).argv()
+    for below in ("", "/", "/..", "/../..", "/../../etc"):  # as hostfs joins
+        with pytest.raises(NotADirectoryError):
+            os.stat("/dev/null/apppot-no-host-files" + below)
 
 
 def test_guest_spec_roundtrips_any_bytes():
@@ -283,7 +287,7 @@ def test_parse_net_inherited_socket():
 
 def test_no_job_dir_gives_the_guest_no_hostfs_prefix(monkeypatch, tmp_path):
     """--no-job-dir: no job dir check (even in /), jobdir None in the
-    guest spec, and so hostfs=/nonexistent on UML's command line."""
+    guest spec, and so no real hostfs= prefix on UML's command line."""
     from apppot import start
 
     seen = {}
