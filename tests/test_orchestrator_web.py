@@ -328,3 +328,32 @@ def test_web_server_refuses_an_empty_admin_token():
 
     with pytest.raises(ValueError, match="empty admin token"):
         WebServer(FakeOrch(), "127.0.0.1", 0, "")
+
+
+def test_one_run_per_state_dir_and_shutdown_stops_it_first(tmp_path):
+    state = tmp_path / "state"
+    argv = [sys.executable, "-m", "apppot_mpi.orchestrator.cli", "run",
+            "--state-dir", str(state), "--batch", "none", "--provider",
+            "libcloud", "--listen", "127.0.0.1:0", "--cycle", "0.2"]
+    first = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        assert "status page" in first.stderr.readline()
+        second = subprocess.run(argv, capture_output=True, text=True,
+                                timeout=30, check=False)
+        assert second.returncode == 125
+        assert f"another apppot-orchestrator (pid {first.pid}) runs on" in \
+            second.stderr and second.stderr.count("\n") == 2
+        down = subprocess.run([sys.executable, "-m",
+                               "apppot_mpi.orchestrator.cli", "shutdown",
+                               "--state-dir", str(state), "--batch", "none"],
+                              capture_output=True, text=True, timeout=90,
+                              check=False)
+        assert down.returncode == 0, down.stderr
+        assert f"stopping the orchestrator running on this state dir (pid " \
+            f"{first.pid}) first" in down.stderr
+        assert first.wait(5) == 0  # already gone when shutdown went on
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()

@@ -480,4 +480,11 @@ class Orchestrator:
             }
 
     def close(self, wait=True):
+        """Stop the thread pool.  With ``wait``, take in what its last calls
+        did and checkpoint: a start that returned after the last cycle
+        brought the node's pid, without which no shutdown finds it."""
         self.executor.shutdown(wait=wait)
+        if wait:
+            with self.lock:
+                self._collect_calls()
+                self.checkpoint()
