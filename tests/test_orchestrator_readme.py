@@ -40,6 +40,7 @@ def ours():
         cmd = p.info["cmdline"] or []
         text = " ".join(cmd)
         if is_uml(cmd) or "apppot_mpi.orchestrator" in text or \
+                "apppot.watchdog" in cmd or \
                 "apppot-orchestrator" in text or "apppot.start" in cmd or \
                 str(STATE) in text:
             found[p.info["pid"]] = text[:160]

@@ -341,29 +341,34 @@ def cmd_run(args):
     batch = make_batch(args)
     provider = make_provider(args, state, callback)
     private_state_dir(state)
-    lock = run_lock(state)  # noqa: F841  (held until we exit)
-    orch = Orchestrator(batch, provider, policy, max_nodes=args.max_nodes,
-                        max_delta=args.max_delta,
-                        start_timeout=args.start_timeout,
-                        state_file=state / STATE_FILE,
-                        executor=ThreadPoolExecutor(8, "provider"))
     token = admin_token(state)
+    lock = run_lock(state)
     try:
-        web = WebServer(orch, host, int(port), token).start()
-    except OSError as e:
-        raise ConfigError(f"--listen {args.listen}: {e.strerror}",
-                          hint="pick another port or address") from None
-    print(f"apppot-orchestrator: status page {web.url} (admin token in "
-          f"{state / TOKEN_FILE}); {policy.describe()}", file=sys.stderr,
-          flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        orch.run(args.cycle, args.max_cycles, stop)
+        orch = Orchestrator(batch, provider, policy, max_nodes=args.max_nodes,
+                            max_delta=args.max_delta,
+                            start_timeout=args.start_timeout,
+                            state_file=state / STATE_FILE,
+                            executor=ThreadPoolExecutor(8, "provider"))
+        try:
+            web = WebServer(orch, host, int(port), token).start()
+        except OSError as e:
+            raise ConfigError(f"--listen {args.listen}: {e.strerror}",
+                              hint="pick another port or address") from None
+        print(f"apppot-orchestrator: status page {web.url} (admin token in "
+              f"{state / TOKEN_FILE}); {policy.describe()}", file=sys.stderr,
+              flush=True)
+        stop = threading.Event()
+        old = {sig: signal.signal(sig, lambda *_: stop.set())
+               for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            orch.run(args.cycle, args.max_cycles, stop)
+        finally:
+            web.close()
+            orch.close(wait=True)  # and checkpoint
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
     finally:
-        web.close()
-        orch.close(wait=True)  # and checkpoint
+        os.close(lock)
     return 0
 
 
