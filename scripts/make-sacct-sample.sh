@@ -20,8 +20,11 @@
 #      removes its work directory (kept on failure, or with SACCT_GEN_KEEP=1).
 #
 # Nothing else on the machine is touched: the daemons use their own ports,
-# config files, state, pid and log files, all under $SACCT_GEN_DIR (default
-# /var/tmp/apppot-sacct-gen), and every client command gets SLURM_CONF
+# config files, state, pid and log files, all under a new private work
+# directory (mktemp -d /var/tmp/apppot-sacct-gen.XXXXXX, printed; or
+# $SACCT_GEN_DIR, which must not exist yet: root makes it, mode 0711, so no
+# local user can have planted files or symlinks in it), and every client
+# command gets SLURM_CONF
 # pointing at the private slurm.conf.  Slurm daemons on the default ports
 # (6817/6818) are left alone.  A run takes about 12.5 minutes.
 #
@@ -32,19 +35,13 @@
 set -eu
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-W="${SACCT_GEN_DIR:-/var/tmp/apppot-sacct-gen}"
+W="${SACCT_GEN_DIR:-}"  # made below
 OUT="${1:-$REPO/apppot_mpi/orchestrator/samples/slurm-sacct.txt}"
 HOST=$(hostname -s)
-CONF="$W/slurm.conf"
-MY="$W/mysql"                 # MariaDB: datadir, socket, pid file, log
-MUNGE="$W/munge"              # munged: key, socket, pid file, log
-MYSOCK="$MY/mysqld.sock"
 MYPORT=3407
 SEED=7                        # fixed seed of the workload generator
 
-# Every Slurm client command below talks to the private daemons only; times
-# are printed in UTC in sacct's ISO format.
-export SLURM_CONF="$CONF"
+# Times are printed in UTC in sacct's ISO format.
 export TZ=UTC
 unset SLURM_TIME_FORMAT SACCT_FORMAT SQUEUE_FORMAT SQUEUE_SORT \
     SBATCH_PARTITION SBATCH_ACCOUNT SBATCH_TIMELIMIT 2>/dev/null || true
@@ -54,7 +51,7 @@ say() { echo "make-sacct-sample.sh: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || die "run as root"
 case "$W" in
-    /?*/?*) ;;
+    ""|/?*/?*) ;;
     *) die "SACCT_GEN_DIR must be an absolute path at least two levels deep" ;;
 esac
 
@@ -115,17 +112,29 @@ cleanup() {
 }
 
 # ------------------------------------------------------------ preflight
-# Refuse to run over live daemons of an earlier, interrupted run, or when one
-# of our ports is taken; then start from an empty work directory.
-for f in "$W/slurmd.pid" "$W/slurmctld.pid" "$W/slurmdbd.pid" \
-         "$MY/mysqld.pid" "$MUNGE/munged.pid"; do
-    if running "$f"; then
-        die "$f names a live process (earlier run?); stop it first"
-    fi
-done
+# Refuse to run when one of our ports is taken (an earlier, interrupted run
+# still going?); the work directory is always a new one.
 for p in 6827 6828 6829 $MYPORT; do
     port_free $p || die "TCP port $p is in use"
 done
+
+# A new directory only root can write: mktemp's random name, or mkdir of
+# $SACCT_GEN_DIR failing if anything (a planted symlink too) is there.
+if [ -z "$W" ]; then
+    W=$(mktemp -d /var/tmp/apppot-sacct-gen.XXXXXX)
+elif ! mkdir -m 700 -- "$W" 2>/dev/null; then
+    die "SACCT_GEN_DIR $W exists (or cannot be made); give a new path"
+fi
+chmod 711 "$W"  # munged and mariadbd reach their own subdirectories
+say "work directory: $W"
+CONF="$W/slurm.conf"
+MY="$W/mysql"                 # MariaDB: datadir, socket, pid file, log
+MUNGE="$W/munge"              # munged: key, socket, pid file, log
+MYSOCK="$MY/mysqld.sock"
+# Every Slurm client command below talks to the private daemons only.
+export SLURM_CONF="$CONF"
+mkdir -p "$W/state" "$W/spool" "$W/log" "$W/jobs" "$MY/data"
+trap cleanup EXIT
 
 # ------------------------------------------------------------- packages
 missing=
@@ -143,10 +152,6 @@ if [ -n "$missing" ]; then
         --no-install-recommends $missing >/dev/null
 fi
 
-rm -rf "$W"
-mkdir -p "$W/state" "$W/spool" "$W/log" "$W/jobs" "$MY/data"
-chmod 755 "$W"
-trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
 # ---------------------------------------------------------------- munge

@@ -31,6 +31,14 @@ if [ "$have" != "$wanted" ]; then
         --no-install-recommends $APT_PACKAGES >/dev/null
 fi
 
+# apppot-orchestrator's node appliances run as this unprivileged user, never
+# as root (--node-user names another)
+if ! id apppot-node >/dev/null 2>&1; then
+    echo "== creating the system user apppot-node" >&2
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin apppot-node
+fi
+
 echo "== installing the project into .venv" >&2
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check \

@@ -18,7 +18,8 @@
 set -eu
 
 NS="${ELASTIC_NETNS:-apppot-elastic}"
-D="${ELASTIC_DIR:-/var/tmp/apppot-slurm-elastic}"
+D="${ELASTIC_DIR:-/run/apppot-slurm-elastic}"  # root's, 0711 (slurm-local.sh)
+LOCAL="$(dirname "$0")/slurm-local.sh"
 N="${ELASTIC_NODES:-3}"
 NET=10.254.0
 HOST=$(hostname -s)
@@ -27,7 +28,8 @@ up() {
     if [ "$(id -u)" != 0 ]; then
         echo "slurm-elastic.sh: run as root" >&2; exit 1
     fi
-    "$(dirname "$0")/slurm-local.sh" munge "$D/munge"
+    "$LOCAL" private-dir "$D" slurm-elastic.sh || exit 1
+    "$LOCAL" munge "$D/munge"
     if [ -s "$D/slurmctld.pid" ] && kill -0 "$(cat "$D/slurmctld.pid")" 2>/dev/null; then
         report; return
     fi
@@ -48,7 +50,7 @@ NodeName=apppot-n$k NodeAddr=$NET.$((10 + k)) CPUs=1 RealMemory=200 State=DOWN R
 ClusterName=apppotelastic
 SlurmctldHost=$HOST($NET.1)
 SlurmctldParameters=enable_configless
-$("$(dirname "$0")/slurm-local.sh" common-conf)
+$("$LOCAL" common-conf)
 JobAcctGatherType=jobacct_gather/none
 SlurmdTimeout=60
 SchedulerParameters=sched_interval=5
@@ -82,15 +84,22 @@ report() {
 }
 
 down() {
-    # nodes outlive the orchestrator (a restart adopts them): stop them
-    if [ -s "$D/orchestrator/orchestrator.json" ]; then
-        "$(dirname "$0")/../.venv/bin/apppot-orchestrator" shutdown \
-            --state-dir "$D/orchestrator" >/dev/null || true
+    rc=0
+    "$LOCAL" owned-dir "$D" slurm-elastic.sh || rc=$?
+    [ $rc != 1 ] || exit 1  # never trust pid files in someone else's dir
+    if [ $rc = 0 ]; then
+        # nodes outlive the orchestrator (a restart adopts them): stop them
+        # where 'run' ran them, in the namespace with the cluster's conf
+        if [ -s "$D/orchestrator/orchestrator.json" ]; then
+            nsenter --net="/run/netns/$NS" env SLURM_CONF="$D/slurm.conf" \
+                "$(dirname "$0")/../.venv/bin/apppot-orchestrator" shutdown \
+                --state-dir "$D/orchestrator" >/dev/null || true
+        fi
+        "$LOCAL" stop "$D/slurmctld.pid"
+        "$LOCAL" stop "$D/munge/munged.pid"
     fi
-    "$(dirname "$0")/slurm-local.sh" stop "$D/slurmctld.pid"
-    "$(dirname "$0")/slurm-local.sh" stop "$D/munge/munged.pid"
     ip netns del "$NS" 2>/dev/null || true
-    rm -rf "$D"
+    [ $rc != 0 ] || rm -rf "$D"
 }
 
 case "${1:-}" in

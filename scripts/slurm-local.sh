@@ -5,17 +5,46 @@
 #                                 slurmctld, slurmd; prints the SLURM_CONF
 #   scripts/slurm-local.sh down   stop exactly what 'up' started
 #
-# State lives in $SLURM_LOCAL_DIR (default /var/tmp/apppot-slurm).  The node
-# declares 4 CPUs (oversubscribed on small machines) so 4-task jobs run.
+# State lives in $SLURM_LOCAL_DIR (default /run/apppot-slurm): root's, mode
+# 0711 (munged, as user munge, reaches its subdirectory; nobody else can
+# list or create anything there); an existing one that is anything else (a
+# symlink, another owner, a looser mode) is refused, so no local user can
+# plant files or symlinks where root writes.  The node declares 4 CPUs
+# (oversubscribed on small machines) so 4-task jobs run.
 # Memory accounting: jobacct_gather/linux counts RSS, or PSS with
 # SLURM_LOCAL_ACCT=pss (JobAcctGatherParams=UsePss); 'up' is a no-op while
 # the daemons run, so 'down' first to switch.
 set -eu
 
-DIR="${SLURM_LOCAL_DIR:-/var/tmp/apppot-slurm}"
+DIR="${SLURM_LOCAL_DIR:-/run/apppot-slurm}"
 CONF="$DIR/slurm.conf"
 HOST=$(hostname -s)
 ACCT="${SLURM_LOCAL_ACCT:-rss}"
+
+DIR_MODE=711  # what private_dir makes and accepts
+
+# private_dir DIR NAME: make DIR root's with DIR_MODE, or accept an existing
+# one only if it is exactly that (never a symlink: stat does not follow
+# one); else say why (as NAME) and fail.
+private_dir() {
+    mkdir -m "$DIR_MODE" -- "$1" 2>/dev/null || true
+    owned_dir "$1" "$2"
+}
+
+# owned_dir DIR NAME: 0 if DIR is root's with DIR_MODE; 3 if it does not
+# exist; else a one-line refusal (as NAME) and 1.
+owned_dir() {
+    if [ ! -e "$1" ] && [ ! -L "$1" ]; then
+        return 3
+    fi
+    got=$(stat -c '%F, owner %u, mode %a' -- "$1")
+    if [ "$got" != "directory, owner 0, mode $DIR_MODE" ]; then
+        echo "$2: refusing state directory $1 ($got; it must be a" \
+             "directory of root's with mode $DIR_MODE: remove it or give" \
+             "another path)" >&2
+        return 1
+    fi
+}
 
 running() {  # running PIDFILE: is the daemon we started still there?
     [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
@@ -65,6 +94,7 @@ EOC
 
 up() {
     packages
+    private_dir "$DIR" slurm-local.sh || exit 1
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
     munge_up "$DIR/munge"
     case "$ACCT" in
@@ -124,9 +154,14 @@ stop_pidfile() {
 }
 
 down() {
-    stop_pidfile "$DIR/slurmd.pid"
-    stop_pidfile "$DIR/slurmctld.pid"
-    stop_pidfile "$DIR/munge/munged.pid"
+    rc=0
+    owned_dir "$DIR" slurm-local.sh || rc=$?
+    [ $rc != 1 ] || exit 1  # never trust pid files in someone else's dir
+    if [ $rc = 0 ]; then
+        stop_pidfile "$DIR/slurmd.pid"
+        stop_pidfile "$DIR/slurmctld.pid"
+        stop_pidfile "$DIR/munge/munged.pid"
+    fi
 }
 
 case "${1:-}" in
@@ -135,5 +170,7 @@ case "${1:-}" in
     munge) packages; munge_up "$2" ;;  # for slurm-sim-cluster.sh
     stop) stop_pidfile "$2" ;;         # for slurm-sim-cluster.sh
     common-conf) common_conf ;;        # for the other cluster scripts
+    private-dir) private_dir "$2" "$3" ;;  # DIR NAME, for the others too
+    owned-dir) owned_dir "$2" "$3" ;;
     *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac

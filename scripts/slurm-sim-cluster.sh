@@ -15,15 +15,17 @@
 set -eu
 
 P="${SIM_PREFIX:-apppot-sim-}"
-D="${SIM_DIR:-/var/tmp/apppot-slurm-sim}"
+D="${SIM_DIR:-/run/apppot-slurm-sim}"  # root's, 0711 (see slurm-local.sh)
+LOCAL="$(dirname "$0")/slurm-local.sh"
 NET=192.168.77
 
 up() {
     if [ "$(id -u)" != 0 ]; then
         echo "slurm-sim-cluster.sh: run as root" >&2; exit 1
     fi
+    "$LOCAL" private-dir "$D" slurm-sim-cluster.sh || exit 1
     # the packages, and munge (one for both nodes: its socket is a file)
-    "$(dirname "$0")/slurm-local.sh" munge "$D/munge"
+    "$LOCAL" munge "$D/munge"
     mkdir -p "$D/state" "$D/spool/node0" "$D/spool/node1" "$D/log"
     printf '127.0.0.1 localhost\n%s.1 node0\n%s.2 node1\n' $NET $NET > "$D/hosts"
     ip netns add "${P}switch"
@@ -42,7 +44,7 @@ up() {
     cat > "$D/slurm.conf" <<EOC
 ClusterName=apppotsim
 SlurmctldHost=node0($NET.1)
-$("$(dirname "$0")/slurm-local.sh" common-conf)
+$("$LOCAL" common-conf)
 JobAcctGatherType=jobacct_gather/none
 SlurmdParameters=config_overrides
 StateSaveLocation=$D/state
@@ -78,14 +80,19 @@ EOC
 }
 
 down() {
-    for pidfile in "$D/slurmd.node1.pid" "$D/slurmd.node0.pid" \
-            "$D/slurmctld.pid" "$D/munge/munged.pid"; do
-        "$(dirname "$0")/slurm-local.sh" stop "$pidfile"
-    done
+    rc=0
+    "$LOCAL" owned-dir "$D" slurm-sim-cluster.sh || rc=$?
+    [ $rc != 1 ] || exit 1  # never trust pid files in someone else's dir
+    if [ $rc = 0 ]; then
+        for pidfile in "$D/slurmd.node1.pid" "$D/slurmd.node0.pid" \
+                "$D/slurmctld.pid" "$D/munge/munged.pid"; do
+            "$LOCAL" stop "$pidfile"
+        done
+    fi
     for ns in "${P}node0" "${P}node1" "${P}switch"; do
         ip netns del "$ns" 2>/dev/null || true
     done
-    rm -rf "$D"
+    [ $rc != 0 ] || rm -rf "$D"
 }
 
 case "${1:-}" in

@@ -57,7 +57,11 @@ def test_argv_interactive_and_plain_image():
 
 
 def test_hostfs_defaults_to_nothing():
-    assert "hostfs=/nonexistent" in make_spec(hostfs=None).argv()
+    assert "hostfs=/dev/null/apppot-no-host-files" in make_spec(
+        hostfs=None).argv()
+    for below in ("", "/", "/..", "/../..", "/../../etc"):  # as hostfs joins
+        with pytest.raises(NotADirectoryError):
+            os.stat("/dev/null/apppot-no-host-files" + below)
 
 
 def test_guest_spec_roundtrips_any_bytes():
@@ -246,9 +250,62 @@ def test_parse_net_tap_and_raw_links():
                      "cannot parse"), ("tap:a,b:1.2.3.4/8", "interface name"),
                      ("tap:abcdefghijklmnop:1.2.3.4/8", "interface name"),
                      ("raw:a:1.2.3.400/8", "bad address"),
-                     ("raw:a:1.2.3.4", "no prefix")):
+                     ("raw:a:1.2.3.4", "no prefix"),
+                     ("fd:x:1.2.3.4/8", "bad file descriptor"),
+                     ("fd:-3:1.2.3.4/8", "bad file descriptor"),
+                     ("fd:2:1.2.3.4/8", "bad file descriptor"),
+                     ("fd:3", "cannot parse"), ("fd:3:1.2.3.4", "no prefix")):
         with pytest.raises(ConfigError, match=msg):
             parse_net(bad)
+
+
+def test_parse_net_inherited_socket():
+    from apppot.start import HostLink, check_link, parse_net
+
+    link = parse_net("fd:7:10.254.0.12/24")
+    assert link == HostLink("fd", None, "10.254.0.12/24", 7)
+    assert link.uml_args() == ("vec0:transport=fd,fd=7",)
+    assert link.fds() == (7,)
+    assert parse_net("raw:veth-g:10.0.0.2/8").fds() == ()
+    assert link.guest_net() == [{"device": "vec0", "name": "eth0",
+                                 "address": "10.254.0.12/24"}]
+    r, w = os.pipe()  # open, but not a socket
+    try:
+        with pytest.raises(ConfigError, match=f"file descriptor {r} is not "
+                           "an open socket"):
+            check_link(parse_net(f"fd:{r}:10.0.0.2/8"))
+    finally:
+        os.close(r)
+        os.close(w)
+    with pytest.raises(ConfigError, match="not an open socket"):
+        check_link(parse_net(f"fd:{r}:10.0.0.2/8"))  # closed now
+    import socket
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        check_link(parse_net(f"fd:{a.fileno()}:10.0.0.2/8"))
+
+
+def test_no_job_dir_gives_the_guest_no_hostfs_prefix(monkeypatch, tmp_path):
+    """--no-job-dir: no job dir check (even in /), jobdir None in the
+    guest spec, and so no real hostfs= prefix on UML's command line."""
+    from apppot import start
+
+    seen = {}
+
+    def fake_common(args, environ, **kw):
+        seen.update(kw)
+        return "plan"
+
+    monkeypatch.setattr(start, "prepare_common", fake_common)
+    args = start.build_parser().parse_args(["--no-job-dir", "true"])
+    assert args.no_job_dir is True
+    assert start.prepare(args, {})[0] == "plan"
+    assert seen == {"with_jobdir": False}
+    args = start.build_parser().parse_args(["true"])
+    start.prepare(args, {})
+    assert seen == {"with_jobdir": True}
+    spec = GuestSpec(uid=1, gid=2, user="u", group="g", jobdir=None)
+    assert json.loads(spec.to_json())["jobdir"] is None
 
 
 def test_machine_wide_kernel_builds_are_candidates_without_apppot_home(

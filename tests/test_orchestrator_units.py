@@ -3,6 +3,9 @@ checkpoints, parsers, simulation.  (Real Slurm, real appliances and a real
 browser are in test_orchestrator_slurm.py and test_orchestrator_web.py.)"""
 
 import json
+import os
+import shlex
+import stat
 import textwrap
 from pathlib import Path
 
@@ -287,23 +290,83 @@ def test_policy_file(tmp_path):
 
 
 # ------------------------------------------------------------- parsers
-# squeue -o '%i|%T|%C|%V|%S|%P|%u|%N|%j' as Slurm 22.05 printed it here
+# squeue -o '%i|%T|%C|%V|%S|%P|%u|%N' as Slurm 22.05 printed it here
 SQUEUE = """\
-7|RUNNING|1|2026-11-26T09:01:02|2026-11-26T09:01:40|cloud|root|apppot-n1|burst|1
-8|PENDING|2|2026-11-26T09:01:03|N/A|cloud|root||burst-2
-9|RUNNING|2|2026-11-26T09:01:03|2026-11-26T09:02:00|cloud|root|apppot-n[2-3]|w
+7|RUNNING|1|2026-11-26T09:01:02|2026-11-26T09:01:40|cloud|root|apppot-n1
+8|PENDING|2|2026-11-26T09:01:03|N/A|cloud|root|
+x|y
+9|RUNNING|2|2026-11-26T09:01:03|2026-11-26T09:02:00|cloud|root|apppot-n[2-3]
+10|RUNNING|2|2026-11-26T09:01:03|2026-11-26T09:02:00|cloud|root|n[1-
 """
 
 
-def test_parse_squeue():
+def test_parse_squeue_skips_lines_that_do_not_parse(caplog):
     jobs = batchmod.parse_squeue(SQUEUE)
     assert [(j.jobid, j.state) for j in jobs] == [
         ("7", RUNNING), ("8", PENDING), ("9", RUNNING)]
-    assert jobs[0].name == "burst|1"  # the name is last: '|' survives
     assert jobs[1].cpus == 2 and jobs[1].nodes == ()
     assert jobs[2].nodes == ("apppot-n2", "apppot-n3")
+    assert all(j.name == "" for j in jobs)  # never read from this format
+    assert "skipped a line" in caplog.text and "'x|y'" in caplog.text
+    assert "n[1-" in caplog.text
+
+
+def squeue_json(*records):
+    return json.dumps({"meta": {}, "errors": [], "jobs": list(records)})
+
+
+def rec(jobid, state="PENDING", name="j", partition="cloud", **kw):
+    return {"job_id": jobid, "job_state": state, "name": name,
+            "partition": partition, "user_name": "alice", "cpus": 1,
+            "submit_time": 1700000000, "start_time": 0, "nodes": "", **kw}
+
+
+def test_parse_squeue_json_keeps_any_name_and_skips_bad_records(caplog):
+    evil = "x\n99|PENDING|64|N/A|N/A|cloud|root||fake|job"
+    jobs = batchmod.parse_squeue_json(squeue_json(
+        rec(5, name=evil, cpus=4),
+        rec(6, "RUNNING", start_time=1700000100, nodes="apppot-n[1-2]"),
+        rec(7, "COMPLETED"), rec(8, partition="debug"),
+        rec(9, partition="debug,cloud"),
+        {"job_id": "nan?", "job_state": "PENDING", "partition": "cloud"},
+        rec(11, cpus="many"), rec(12, "RUNNING", nodes="n[1-"), "junk"),
+        "cloud")
+    assert [j.jobid for j in jobs] == ["5", "6", "9"]
+    assert jobs[0].name == evil and jobs[0].cpus == 4
+    assert jobs[0].submitted_at == 1700000000 and jobs[0].user == "alice"
+    assert jobs[1].state == RUNNING and jobs[1].started_at == 1700000100
+    assert jobs[1].nodes == ("apppot-n1", "apppot-n2")
+    assert caplog.text.count("skipped a job record") == 4
     with pytest.raises(batchmod.BatchError, match="cannot parse"):
-        batchmod.parse_squeue("1|RUNNING\n")
+        batchmod.parse_squeue_json("squeue: unrecognized option '--json'")
+
+
+def test_slurm_reads_the_queue_as_json_else_without_names(caplog):
+    def runner_for(json_works):
+        calls = []
+
+        def runner(argv):
+            calls.append(argv)
+            if "--json" in argv:
+                if not json_works:
+                    raise batchmod.BatchError("squeue: unrecognized option "
+                                              "'--json'")
+                return squeue_json(rec(5, name="a|b\nc"))
+            return "5|PENDING|1|N/A|N/A|cloud|alice|\n"
+        return runner, calls
+
+    runner, calls = runner_for(True)
+    s = batchmod.Slurm("cloud", runner=runner)
+    assert [j.name for j in s.jobs()] == ["a|b\nc"]
+    assert calls == [["squeue", "-a", "-t", "PENDING,RUNNING,CONFIGURING,"
+                      "COMPLETING,SUSPENDED", "-p", "cloud", "--json"]]
+    runner, calls = runner_for(False)
+    s = batchmod.Slurm("cloud", runner=runner)
+    assert [(j.jobid, j.name) for j in s.jobs()] == [("5", "")]
+    assert [(j.jobid, j.name) for j in s.jobs()] == [("5", "")]
+    assert [c[-1] for c in calls] == ["--json", "%i|%T|%C|%V|%S|%P|%u|%N",
+                                      "%i|%T|%C|%V|%S|%P|%u|%N"]
+    assert caplog.text.count("without job names") == 1
 
 
 def test_slurm_backend_argv_and_free_names():
@@ -572,3 +635,247 @@ def test_policy_cycle_hooks_and_cli_errors(capsys):
     assert "must be positive" in err and "hint:" in err
     assert main(["status", "--state-dir", "/nonexistent"]) == 125
     assert "no checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------ node command lines, exact strings
+def bare_provider(cls, tmp_path, **attrs):
+    """A provider object without its checks (no bridge, key or image)."""
+    import ipaddress
+    import pwd
+
+    from apppot_mpi.orchestrator.providers import LocalAppliances
+
+    prov = cls.for_shutdown(tmp_path) if issubclass(cls, LocalAppliances) \
+        else cls.__new__(cls)
+    prov.image, prov.mem, prov.kernel = Path("/c/images/node.img"), "256M", None
+    prov.net = ipaddress.IPv4Interface("10.254.0.1/24")
+    prov.user = pwd.getpwnam("nobody")
+    for k, v in attrs.items():
+        setattr(prov, k, v)
+    return prov
+
+
+def test_node_appliance_runs_unprivileged_without_job_dir_or_seccomp(
+        tmp_path):
+    import sys
+
+    from apppot_mpi.orchestrator.model import Node
+    from apppot_mpi.orchestrator.providers import LocalAppliances
+
+    prov = bare_provider(LocalAppliances, tmp_path)
+    node = Node("4", "apppot-n2", address="10.254.0.12")
+    py = sys.executable
+    assert shlex.join(prov.appliance_argv(node)) == (
+        f"{py} -m apppot_mpi.orchestrator.nodeexec --user nobody --link "
+        f"apo4g -- {py} -m apppot.start --image /c/images/node.img --id "
+        "apppot-n2 --mem 256M --seccomp off --no-job-dir --net "
+        "fd:3:10.254.0.12/24 -- sudo -n python3 /usr/lib/apppot/slurmnode.py "
+        "-")
+
+
+def test_batch_commands_reach_another_system_through_sh_on_stdin(tmp_path):
+    from apppot_mpi.orchestrator.model import Node
+    from apppot_mpi.orchestrator.providers import BatchJobAppliances
+
+    assert batchmod.via([], ["squeue", "-j", "5"]) == (
+        ["squeue", "-j", "5"], None)
+    assert batchmod.via(["ssh", "login 1"], ["scancel", "5 6", "it's"]) == (
+        ["ssh", "login 1", "sh"], "scancel '5 6' 'it'\"'\"'s'\n")
+    state = tmp_path / "st ate'"
+    prov = bare_provider(BatchJobAppliances, state,
+                         job_prefix=["nsenter", "--net=/run/netns/a b"],
+                         submit_prefix=["ssh", "login1"])
+    node = Node("2", "apppot-n1", address="10.254.0.11")
+    argv = prov.sbatch_argv(node, ["prog", "a b", "c'd"], state / "n.json")
+    full, script = batchmod.via(prov.submit_prefix, argv)
+    assert full == ["ssh", "login1", "sh"]
+    # the remote shell parses the script once: exactly argv again
+    assert shlex.split(script) == argv == [
+        "sbatch", "--parsable", "--job-name=apppot-node-apppot-n1",
+        f"--output={state}/nodes/apppot-n1.log", "--chdir=/", "--wrap",
+        "nsenter '--net=/run/netns/a b' prog 'a b' 'c'\"'\"'d' < "
+        f"{shlex.quote(str(state / 'n.json'))}"]
+
+
+def test_nodeexec_refuses_root_unknown_users_and_non_root_callers(capsys):
+    from apppot_mpi.orchestrator import nodeexec
+
+    with pytest.raises(ConfigError, match="never run as root"):
+        nodeexec.node_user("root")
+    with pytest.raises(ConfigError, match="does not exist"):
+        nodeexec.node_user("no-such-user-here")
+    assert nodeexec.node_user("nobody").pw_name == "nobody"
+    env = nodeexec.clean_env(nodeexec.node_user("nobody"), {
+        "APPPOT_HOME": "/c", "LD_PRELOAD": "/tmp/x.so", "PATH": "/tmp",
+        "APPPOT_KERNEL": "/tmp/k"})
+    assert env == {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+                   "HOME": "/", "USER": "nobody", "LOGNAME": "nobody",
+                   "APPPOT_HOME": "/c"}
+    assert nodeexec.main(["--link", "lo"]) == 125
+    assert "no command" in capsys.readouterr().err
+
+
+# -------------------------------------------------- checkpoints, admin token
+def test_damaged_checkpoints_are_one_line_errors(tmp_path, capsys):
+    from apppot_mpi.orchestrator.cli import main
+
+    ckpt = tmp_path / "orchestrator.json"
+    good = {"version": 1, "cycle": 1, "next_id": 2, "started": 1,
+            "stopped": 0, "last_cycle_at": None, "nodes": [], "history": [],
+            "decisions": []}
+    for content, why in (
+            (b"{", "not JSON"), (b"\xff\xfe", "not JSON"),
+            (b"[]", "not a JSON object"), (b'{"version": 7}', "version 7"),
+            (json.dumps({**good, "cycle": "x"}).encode(), "'cycle'"),
+            (json.dumps({**good, "nodes": {}}).encode(), "'nodes'"),
+            (json.dumps({**good, "nodes": [{"nodeid": "1"}]}).encode(),
+             "bad record"),
+            (json.dumps({**good, "nodes": [{"nodeid": "1", "name": "n",
+                                            "state": "HAPPY"}]}).encode(),
+             "bad record"),
+            (json.dumps({**good, "decisions": [[1]]}).encode(),
+             "bad record")):
+        ckpt.write_bytes(content)
+        for cmd in (["status"], ["shutdown"]):
+            assert main([*cmd, "--state-dir", str(tmp_path)]) == 125
+            err = capsys.readouterr().err
+            assert "is damaged" in err and why in err, err
+            assert err.count("\n") == 2 and "Traceback" not in err
+    ckpt.write_bytes(b"{")
+    before = ckpt.read_bytes()
+    assert main(["run", "--state-dir", str(tmp_path), "--batch", "none",
+                 "--provider", "libcloud", "--listen", "127.0.0.1:0",
+                 "--max-cycles", "1"]) == 125
+    assert "is damaged" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before  # left for the admin to look at
+
+
+def test_checkpoints_are_0600_whatever_the_umask_or_a_stale_temp(tmp_path):
+    from apppot_mpi.orchestrator.core import write_checkpoint
+
+    path = tmp_path / "orchestrator.json"
+    tmp = tmp_path / "orchestrator.json.tmp"
+    tmp.write_text("stale")
+    tmp.chmod(0o644)
+    old = os.umask(0)
+    try:
+        write_checkpoint(path, {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text()) == {"x": 1} and not tmp.exists()
+
+
+def test_shutdown_keeps_the_checkpoint_private_and_run_fixes_the_state_dir(
+        tmp_path, capsys):
+    from apppot_mpi.orchestrator.cli import main
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    old = os.umask(0o022)
+    try:
+        assert main(["run", "--state-dir", str(state), "--batch", "none",
+                     "--provider", "libcloud", "--listen", "127.0.0.1:0",
+                     "--max-cycles", "1", "--cycle", "0.1"]) == 0
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        ckpt = state / "orchestrator.json"
+        assert stat.S_IMODE(ckpt.stat().st_mode) == 0o600
+        assert main(["shutdown", "--state-dir", str(state),
+                     "--batch", "none"]) == 0
+        assert stat.S_IMODE(ckpt.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("content", ["", "\n", "  \n", "short"])
+def test_an_empty_or_short_web_token_file_is_refused(tmp_path, capsys,
+                                                    content):
+    from apppot_mpi.orchestrator.cli import main
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "web-token").write_text(content)
+    assert main(["run", "--state-dir", str(state), "--batch", "none",
+                 "--provider", "libcloud", "--listen", "127.0.0.1:0",
+                 "--max-cycles", "1"]) == 125
+    err = capsys.readouterr().err
+    assert "admin token file" in err and "hint:" in err
+    assert err.count("\n") == 2
+    assert not (state / "orchestrator.json").exists()
+
+
+def test_libcloud_driver_that_cannot_be_built_is_one_line(capsys,
+                                                         monkeypatch,
+                                                         tmp_path):
+    from apppot_mpi.orchestrator.cli import main
+
+    monkeypatch.setenv("APPPOT_LIBCLOUD_SECRET", "s3cret")
+    state = tmp_path / "state"
+    for driver, msg in (("dummy", "cannot build driver 'dummy' (key '0', "
+                         "secret from $APPPOT_LIBCLOUD_SECRET)"),
+                        ("nosuchcloud", "no driver 'nosuchcloud'")):
+        assert main(["run", "--state-dir", str(state), "--batch",
+                     "none", "--provider", "libcloud", "--libcloud-driver",
+                     driver, "--libcloud-key", "0"]) == 125
+        err = capsys.readouterr().err
+        assert msg in err and "hint:" in err and err.count("\n") == 2, err
+        assert "s3cret" not in err
+        assert not state.exists()  # nothing made
+
+
+# ------------------------------------ stopping leaves no node unaccounted for
+def test_a_start_that_returns_after_the_last_cycle_reaches_the_checkpoint(
+        tmp_path):
+    """README quick start: the orchestrator was stopped before the cycle
+    that takes in a start's result; its final checkpoint must still hold
+    the node's pid, or no shutdown can find the appliance."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+    o, b, p, c = make(tmp_path, executor=ThreadPoolExecutor(2))
+    real_start = p.start
+    p.start = lambda node: (release.wait(5), real_start(node))[1]
+    b.queue = pending(1)
+    o.step()
+    assert json.loads((tmp_path / "state.json").read_text())["nodes"][0][
+        "data"] == {}
+    release.set()
+    o.close(wait=True)
+    saved = json.loads((tmp_path / "state.json").read_text())["nodes"]
+    assert [n["data"] for n in saved] == [{"pid": 1001}]
+
+
+def test_shutdown_finds_a_node_the_checkpoint_missed_by_its_start_record(
+        tmp_path, capsys):
+    import subprocess
+
+    import psutil
+
+    from apppot_mpi.orchestrator.cli import main
+    from apppot_mpi.orchestrator.core import write_checkpoint
+
+    (tmp_path / "nodes").mkdir()
+    node = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        since = psutil.Process(node.pid).create_time()
+        (tmp_path / "nodes" / "apppot-n1.started").write_text(json.dumps(
+            {"nodeid": "1", "pid": node.pid, "since": since}))
+        write_checkpoint(tmp_path / "orchestrator.json", {
+            "version": 1, "cycle": 1, "next_id": 2, "started": 1,
+            "stopped": 0, "last_cycle_at": None, "decisions": [],
+            "history": [], "nodes": [{"nodeid": "1", "name": "apppot-n1",
+                                      "state": "READY", "data": {}}]})
+        assert main(["shutdown", "--state-dir", str(tmp_path), "--batch",
+                     "none"]) == 0
+        assert node.wait(5) == -15  # SIGTERM to its process group
+        assert "stopped apppot-n1" in capsys.readouterr().out
+        st = json.loads((tmp_path / "orchestrator.json").read_text())
+        assert st["nodes"] == [] and st["history"][0]["data"]["pid"] == \
+            node.pid
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()

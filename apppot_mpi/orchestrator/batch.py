@@ -5,6 +5,7 @@ built as argv lists (data, testable without a batch system) and run through
 one ``run`` function that logs them.  Parsing is pure.
 """
 
+import json
 import logging
 import re
 import shlex
@@ -30,12 +31,30 @@ def register(cls):
     return cls
 
 
-def run(argv, timeout=30):
-    """Run a batch command; its stdout, or BatchError naming it."""
-    log.debug("executing: %s", shlex.join(argv))
+def via(prefix, argv):
+    """``argv`` run through a command ``prefix`` that reaches another
+    system: ``(argv to run, its stdin)``.  The prefix gets ``sh`` and the
+    command as a one-line script on stdin, so the quoting survives both an
+    exec-style prefix (``env SLURM_CONF=...``: argv as given) and a remote
+    shell (``ssh login1``: ssh joins its arguments with spaces and has the
+    remote shell split them again)."""
+    if not prefix:
+        return list(argv), None
+    return [*prefix, "sh"], shlex.join(argv) + "\n"
+
+
+def run(argv, timeout=30, input=None):  # noqa: A002  (subprocess's name)
+    """Run a batch command (with ``input`` as its stdin); its stdout, or
+    BatchError naming it."""
+    if input is None:
+        log.debug("executing: %s", shlex.join(argv))
+    else:
+        log.debug("executing: %s <<< %s", shlex.join(argv), input.strip())
     try:
         proc = subprocess.run(argv, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+                              timeout=timeout, check=False, input=input,
+                              stdin=None if input is not None else
+                              subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise BatchError(f"{argv[0]} failed: {e}",
                          hint="is the batch system's client installed and "
@@ -87,7 +106,12 @@ class Backend:
 
 
 # ---------------------------------------------------------------- Slurm
-SQUEUE_FORMAT = "%i|%T|%C|%V|%S|%P|%u|%N|%j"
+# Without --json: no job name (%j), the one field users choose freely: it
+# may hold '|' or a newline and so forge queue lines.  The rest are ids,
+# states, numbers, times, partitions, user and node names.
+SQUEUE_FORMAT = "%i|%T|%C|%V|%S|%P|%u|%N"
+SQUEUE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING",
+                 "SUSPENDED")
 SLURM_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED"}
 # sinfo states (flags like '*' for not responding stripped) in which a
 # predeclared node has no slurmd behind it and may get a new appliance
@@ -95,24 +119,67 @@ SLURM_FREE = {"down", "drained", "unknown", "future", "idle~", "down~",
               "powered_down", "drained~"}
 
 
+def slurm_job(jobid, state, cpus, submitted, started, partition, user,
+              nodes, name=""):
+    kind = (PENDING if state == "PENDING" else
+            RUNNING if state in SLURM_RUNNING else OTHER)
+    return Job(jobid=str(jobid), state=kind, name=name, partition=partition,
+               user=user, cpus=int(cpus or 1), submitted_at=submitted or 0.0,
+               started_at=started if kind == RUNNING else None,
+               nodes=tuple(expand_hostlist(nodes)) if kind == RUNNING and
+               nodes else ())
+
+
 def parse_squeue(text):
+    """``squeue -h -o SQUEUE_FORMAT`` → jobs; a line that does not parse
+    is skipped with a warning (one odd job must not stop every cycle)."""
     jobs = []
     for line in text.splitlines():
         if not line.strip():
             continue
-        f = line.split("|", 8)
-        if len(f) != 9:
-            raise BatchError(f"squeue: cannot parse line {line!r}",
-                             hint=f"expected the format {SQUEUE_FORMAT}")
-        jobid, state, cpus, submit, start, part, user, nodes, name = f
-        kind = (PENDING if state == "PENDING" else
-                RUNNING if state in SLURM_RUNNING else OTHER)
-        jobs.append(Job(
-            jobid=jobid, state=kind, name=name, partition=part, user=user,
-            cpus=int(cpus or 1), submitted_at=parse_time(submit) or 0.0,
-            started_at=parse_time(start) if kind == RUNNING else None,
-            nodes=tuple(expand_hostlist(nodes)) if kind == RUNNING and
-            nodes else ()))
+        f = line.split("|")
+        try:
+            if len(f) != 8 or not f[0].strip():
+                raise ValueError(f"{len(f)} fields")
+            jobid, state, cpus, submit, start, part, user, nodes = f
+            jobs.append(slurm_job(jobid, state, cpus, parse_time(submit),
+                                  parse_time(start), part, user, nodes))
+        except (ValueError, AppPotError) as e:
+            log.warning("squeue: skipped a line that does not parse (%s): "
+                        "%r", e, line[:200])
+    return jobs
+
+
+def parse_squeue_json(text, partition=None):
+    """``squeue --json`` (Slurm 21.08+) → jobs in ``partition`` in the
+    states SQUEUE_STATES (22.05 ignores -p and -t with --json); a record
+    that does not parse is skipped with a warning."""
+    try:
+        records = json.loads(text)["jobs"]
+        if not isinstance(records, list):
+            raise TypeError("'jobs' is not a list")
+    except (ValueError, KeyError, TypeError) as e:
+        raise BatchError(f"squeue --json: cannot parse its output: {e}",
+                         hint="check the Slurm version (21.08+)") from None
+    jobs = []
+    for rec in records:
+        try:
+            state = rec["job_state"]
+            if state not in SQUEUE_STATES or (
+                    partition and partition not in
+                    str(rec.get("partition", "")).split(",")):
+                continue
+            name = rec.get("name") or ""
+            jobs.append(slurm_job(
+                int(rec["job_id"]), state, rec.get("cpus"),
+                float(rec.get("submit_time") or 0),
+                float(rec.get("start_time") or 0) or None,
+                str(rec.get("partition", "")), str(rec.get("user_name", "")),
+                str(rec.get("nodes") or ""),
+                name if isinstance(name, str) else ""))
+        except (KeyError, TypeError, ValueError, AppPotError) as e:
+            log.warning("squeue --json: skipped a job record that does not "
+                        "parse (%s): %.200r", e, rec)
     return jobs
 
 
@@ -120,9 +187,12 @@ def parse_sinfo(text):
     """``sinfo -h -N -o %N|%o|%T`` → {name: (address, state)}."""
     out = {}
     for line in text.splitlines():
-        if line.strip():
-            name, addr, state = line.strip().split("|")
-            out[name] = (addr, state.rstrip("*$#@^-!").lower())
+        f = line.strip().split("|")
+        if len(f) == 3:
+            out[f[0]] = (f[1], f[2].rstrip("*$#@^-!").lower())
+        elif line.strip():
+            log.warning("sinfo: skipped a line that does not parse: %r",
+                        line[:200])
     return out
 
 
@@ -140,11 +210,13 @@ class Slurm(Backend):
     def __init__(self, partition="cloud", runner=run):
         super().__init__(runner)
         self.partition = partition
+        self.json = None  # does squeue --json work here? (None: not tried)
 
-    def squeue_argv(self):
-        return ["squeue", "-h", "-a", "-t", "PENDING,RUNNING,CONFIGURING,"
-                "COMPLETING,SUSPENDED", "-p", self.partition,
-                "-o", SQUEUE_FORMAT]
+    def squeue_argv(self, as_json=True):
+        argv = ["squeue", "-a", "-t", ",".join(SQUEUE_STATES), "-p",
+                self.partition]
+        return argv + (["--json"] if as_json else ["-h", "-o",
+                                                   SQUEUE_FORMAT])
 
     def sinfo_argv(self):
         return ["sinfo", "-h", "-N", "-p", self.partition, "-o", "%N|%o|%T"]
@@ -156,7 +228,18 @@ class Slurm(Backend):
         return argv
 
     def jobs(self):
-        return parse_squeue(self.run(self.squeue_argv()))
+        if self.json is not False:
+            try:
+                jobs = parse_squeue_json(self.run(self.squeue_argv()),
+                                         self.partition)
+                self.json = True
+                return jobs
+            except BatchError as e:
+                if self.json:  # it worked before: a real failure
+                    raise
+                log.warning("%s; reading the queue without job names", e)
+                self.json = False
+        return parse_squeue(self.run(self.squeue_argv(as_json=False)))
 
     def nodes(self):
         return parse_sinfo(self.run(self.sinfo_argv()))

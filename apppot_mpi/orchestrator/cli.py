@@ -3,7 +3,7 @@
     apppot-orchestrator run [options]         the orchestrator loop + web page
     apppot-orchestrator simulate LOG [opts]   replay an accounting log
     apppot-orchestrator status [--json]       nodes and queue, from the state
-    apppot-orchestrator shutdown              stop every node it started
+    apppot-orchestrator shutdown              stop it and every node it started
     apppot-orchestrator image                 build the Slurm node image
 
 Policies decide when to start and stop nodes.  The default: every pending
@@ -27,6 +27,7 @@ The same policy runs unchanged in 'simulate' (simulated time and nodes).
 """
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -44,13 +45,16 @@ from apppot.config import common_cli, report_error, setup_logging
 from apppot.errors import AppPotError, ConfigError
 
 from . import batch as batchmod
+from . import nodeexec
 from . import providers as provmod
-from .core import Orchestrator
+from .core import Orchestrator, read_checkpoint, write_checkpoint
+from .model import DOWN, Node
 from .policy import Policy, load_policy
 
 log = logging.getLogger("apppot.orchestrator")
 STATE_FILE = "orchestrator.json"
 TOKEN_FILE = "web-token"  # noqa: S105  (a file name)
+RUN_LOCK = "run.lock"
 NODE_PACKAGES = "slurmd,munge"
 
 
@@ -131,17 +135,21 @@ def build_parser():
                     help="bridge the nodes' links join (default: br0)")
     lo.add_argument("--image", help="node image (default: the one "
                     "'apppot-orchestrator image' builds)")
-    lo.add_argument("--kernel", help="UML kernel (default: the best one)")
+    lo.add_argument("--kernel", help="UML kernel (default: $APPPOT_KERNEL, "
+                    "else the one apppot-start picks)")
     lo.add_argument("--mem", default="256M", help="memory per node")
     lo.add_argument("--munge-key", default="/etc/munge/munge.key")
     lo.add_argument("--conf-server", metavar="HOST[:PORT]",
                     help="slurmctld for configless slurmd (default: the "
                     "bridge's address, port 6817)")
-    lo.add_argument("--shared-dir", help="directory every node mounts at the "
-                    "same path, for job files (default: STATE_DIR/shared)")
+    lo.add_argument("--node-user", default=nodeexec.DEFAULT_USER,
+                    help="unprivileged user the node appliances run as, "
+                    "never root (default: %(default)s, made by "
+                    "scripts/setup.sh)")
     lo.add_argument("--submit-prefix", default="",
                     help="batchjob: command prefix that reaches the other "
-                    "batch system, e.g. 'ssh login1'")
+                    "batch system and runs 'sh' there with the commands on "
+                    "stdin, e.g. 'ssh login1' or 'env SLURM_CONF=...'")
     lo.add_argument("--job-prefix", default="",
                     help="batchjob: prefix of the appliance command in the job")
     lc = r.add_argument_group("libcloud provider")
@@ -177,7 +185,8 @@ def build_parser():
 
     for name, text in (("status", "nodes and queue from the checkpoint"),
                        ("shutdown", "stop every node the orchestrator started "
-                        "(after stopping the orchestrator)")):
+                        "(a run still going on the state dir is stopped "
+                        "first); run it where run ran")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--state-dir", required=True)
         if name == "status":
@@ -198,13 +207,98 @@ def make_policy(args):
     return load_policy(args.policy, **kw) if args.policy else Policy(**kw)
 
 
+MIN_TOKEN = 16  # characters of an admin token written by hand
+
+
 def admin_token(state_dir):
+    """The admin token from STATE_DIR/web-token, made (0600) if missing;
+    an empty or short one is refused, never accepted as a password."""
     path = Path(state_dir) / TOKEN_FILE
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(24) + "\n")
-    return path.read_text().strip()
+    token = path.read_text().strip()
+    if len(token) < MIN_TOKEN:
+        raise ConfigError(f"admin token file {str(path)!r} holds "
+                          f"{'no token' if not token else 'a short token'}",
+                          hint=f"delete it to have a new one made, or write "
+                          f"a token of {MIN_TOKEN}+ characters into it")
+    return token
+
+
+def check_state_dir(state):
+    """An existing STATE_DIR must be ours: it holds node tokens and the
+    munge key, and root writes there."""
+    try:
+        st = os.lstat(state)
+    except FileNotFoundError:
+        return
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"--state-dir {str(state)!r} belongs to uid "
+                          f"{st.st_uid}, not to us (uid {os.geteuid()})",
+                          hint="give a directory of your own (or a new "
+                          "path)")
+
+
+def run_lock(state):
+    """Held while 'run' runs on STATE_DIR (the file holds its pid): a second
+    'run' is refused, and 'shutdown' stops this one first.  Close-on-exec:
+    the node appliances must not inherit it."""
+    fd = os.open(state / RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise ConfigError(f"another apppot-orchestrator (pid {pid}) runs on "
+                          f"{str(state)!r}", hint="stop it first, or give "
+                          "another --state-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def stop_running(state, timeout=60.0):
+    """Take the run lock, stopping (SIGTERM) a 'run' that holds it and
+    waiting until it has written its last checkpoint and exited."""
+    try:
+        fd = os.open(state / RUN_LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    deadline, pid = time.monotonic() + timeout, None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            pass
+        if pid is None:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            pid = int(text) if text.isdigit() else 0
+            print(f"apppot-orchestrator: stopping the orchestrator running "
+                  f"on this state dir (pid {pid}) first", file=sys.stderr)
+            if pid > 1:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        if time.monotonic() > deadline:
+            os.close(fd)
+            raise ConfigError(f"the orchestrator (pid {pid}) on "
+                              f"{str(state)!r} did not stop within "
+                              f"{timeout:.0f} s", hint="stop it, then run "
+                              "shutdown again")
+        time.sleep(0.2)
+
+
+def private_state_dir(state):
+    """STATE_DIR made, or its mode fixed, 0700."""
+    check_state_dir(state)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state, 0o700)
+    return state
 
 
 def make_batch(args):
@@ -223,8 +317,9 @@ def make_provider(args, state, callback):
             args.libcloud_size, callback_url=callback)
     kw = {"bridge": args.bridge, "conf_server": args.conf_server,
           "munge_key": args.munge_key, "image": args.image,
-          "kernel": args.kernel, "mem": args.mem,
-          "shared_dir": args.shared_dir}
+          "kernel": args.kernel or os.environ.get("APPPOT_KERNEL"),
+          "mem": args.mem,
+          "node_user": args.node_user}
     if args.provider == "batchjob":
         return provmod.BatchJobAppliances(
             state, callback, submit_prefix=shlex.split(args.submit_prefix),
@@ -236,7 +331,7 @@ def cmd_run(args):
     from .web import WebServer
 
     state = Path(args.state_dir).absolute()
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_state_dir(state)
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--listen: cannot parse {args.listen!r}",
@@ -245,28 +340,35 @@ def cmd_run(args):
     policy = make_policy(args)
     batch = make_batch(args)
     provider = make_provider(args, state, callback)
-    orch = Orchestrator(batch, provider, policy, max_nodes=args.max_nodes,
-                        max_delta=args.max_delta,
-                        start_timeout=args.start_timeout,
-                        state_file=state / STATE_FILE,
-                        executor=ThreadPoolExecutor(8, "provider"))
+    private_state_dir(state)
+    token = admin_token(state)
+    lock = run_lock(state)
     try:
-        web = WebServer(orch, host, int(port), admin_token(state)).start()
-    except OSError as e:
-        raise ConfigError(f"--listen {args.listen}: {e.strerror}",
-                          hint="pick another port or address") from None
-    print(f"apppot-orchestrator: status page {web.url} (admin token in "
-          f"{state / TOKEN_FILE}); {policy.describe()}", file=sys.stderr,
-          flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        orch.run(args.cycle, args.max_cycles, stop)
+        orch = Orchestrator(batch, provider, policy, max_nodes=args.max_nodes,
+                            max_delta=args.max_delta,
+                            start_timeout=args.start_timeout,
+                            state_file=state / STATE_FILE,
+                            executor=ThreadPoolExecutor(8, "provider"))
+        try:
+            web = WebServer(orch, host, int(port), token).start()
+        except OSError as e:
+            raise ConfigError(f"--listen {args.listen}: {e.strerror}",
+                              hint="pick another port or address") from None
+        print(f"apppot-orchestrator: status page {web.url} (admin token in "
+              f"{state / TOKEN_FILE}); {policy.describe()}", file=sys.stderr,
+              flush=True)
+        stop = threading.Event()
+        old = {sig: signal.signal(sig, lambda *_: stop.set())
+               for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            orch.run(args.cycle, args.max_cycles, stop)
+        finally:
+            web.close()
+            orch.close(wait=True)  # and checkpoint
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
     finally:
-        web.close()
-        orch.close(wait=True)
-        orch.checkpoint()
+        os.close(lock)
     return 0
 
 
@@ -287,12 +389,7 @@ def cmd_simulate(args):
 
 
 def load_state(state_dir):
-    path = Path(state_dir) / STATE_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no checkpoint in {str(state_dir)!r}",
-                          hint="give the --state-dir of 'run'") from None
+    return read_checkpoint(Path(state_dir) / STATE_FILE)
 
 
 def cmd_status(args):
@@ -302,27 +399,31 @@ def cmd_status(args):
             n.pop("token", None)
         print(json.dumps(st, indent=1))
         return 0
-    when = time.strftime("%H:%M:%S", time.localtime(st["last_cycle_at"] or 0))
+    when = time.strftime("%H:%M:%S", time.localtime(
+        st.get("last_cycle_at") or 0))
     q = st.get("sample") or {}
     print(f"cycle {st['cycle']} at {when}: {q.get('pending', 0)} pending, "
           f"{q.get('running', 0)} running; started {st['started']}, "
           f"stopped {st['stopped']}")
     print(f"{'id':>4}  {'name':<14} {'state':<9} {'address':<15} jobs")
-    for n in st["nodes"]:
-        print(f"{n['nodeid']:>4}  {n['name']:<14} {n['state']:<9} "
-              f"{n['address'] or '-':<15} {','.join(n['jobs']) or '-'}")
+    for n in map(Node.from_dict, st["nodes"]):
+        print(f"{n.nodeid:>4}  {n.name:<14} {n.state:<9} "
+              f"{n.address or '-':<15} {','.join(n.jobs) or '-'}")
     return 0
 
 
 def cmd_shutdown(args):
-    """Stop every node in the checkpoint (the orchestrator must not run)."""
-    from .model import DOWN, Node
-
+    """Stop a 'run' on the state dir, then every node in its checkpoint."""
+    lock = stop_running(Path(args.state_dir))  # noqa: F841  (held)
     st = load_state(args.state_dir)
     batch = make_batch(args)
     failed = 0
-    for d in st["nodes"]:
-        node = Node.from_dict(d)
+    nodes = [Node.from_dict(d) for d in st["nodes"]]
+    # a start the checkpoint missed (the orchestrator died or was stopped
+    # before taking in its result) left a start record with the pid
+    provmod.LocalAppliances.for_shutdown(args.state_dir).adopt(nodes)
+    for d, node in zip(st["nodes"], nodes, strict=True):
+        d["data"] = node.data
         try:
             if "pid" in node.data:
                 provmod.LocalAppliances.for_shutdown(args.state_dir).stop(node)
@@ -337,16 +438,13 @@ def cmd_shutdown(args):
             batch.node_down(node.name, "apppot-orchestrator shutdown")
             d["state"] = DOWN
             print(f"stopped {node.name}")
-        except (AppPotError, OSError) as e:
+        except (AppPotError, OSError, RuntimeError) as e:
             failed += 1
             print(f"apppot-orchestrator: {node.name}: {e}", file=sys.stderr)
     st["history"] = st["history"] + [d for d in st["nodes"]
                                      if d["state"] == DOWN]
     st["nodes"] = [d for d in st["nodes"] if d["state"] != DOWN]
-    path = Path(args.state_dir) / STATE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(st, indent=1))
-    os.replace(tmp, path)
+    write_checkpoint(Path(args.state_dir) / STATE_FILE, st)
     return 1 if failed else 0
 
 

@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+from apppot.errors import ConfigError
+
 from .model import (
     ALIVE,
     DOWN,
@@ -48,6 +50,67 @@ log = logging.getLogger("apppot.orchestrator")
 
 CHECKPOINT_VERSION = 1
 BACKOFF_FIRST, BACKOFF_MAX = 30.0, 900.0
+
+
+def bad_checkpoint(path, why):
+    return ConfigError(f"checkpoint {str(path)!r} is damaged: {why}",
+                       hint="restore it, or move it away to start afresh "
+                       "(then stop the nodes it lists by hand)")
+
+
+def read_checkpoint(path):
+    """The checkpoint's state dict, its shape checked (one-line errors)."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"no checkpoint in {str(Path(path).parent)!r}",
+                          hint="give the --state-dir of 'run'") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read checkpoint {str(path)!r}: "
+                          f"{e.strerror}", hint="run as the orchestrator's "
+                          "user") from None
+    except ValueError as e:  # JSON syntax, or bytes that are not UTF-8
+        raise bad_checkpoint(path, f"not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise bad_checkpoint(path, "not a JSON object")
+    if data.get("version") != CHECKPOINT_VERSION:
+        raise bad_checkpoint(path, f"unknown version {data.get('version')!r}")
+    for key in ("cycle", "next_id", "started", "stopped"):
+        if not isinstance(data.get(key), int):
+            raise bad_checkpoint(path, f"{key!r} is not a number")
+    for key in ("nodes", "history", "decisions"):
+        if not isinstance(data.get(key), list):
+            raise bad_checkpoint(path, f"{key!r} is not a list")
+    try:
+        for d in data["nodes"] + data["history"]:
+            Node.from_dict(d)
+        for t, text in data["decisions"]:
+            float(t), str(text)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise bad_checkpoint(path, f"a bad record ({e})") from None
+    return data
+
+
+def write_checkpoint(path, data):
+    """Write ``data`` atomically and private (0600: it holds the nodes'
+    tokens): a reader, or a restart after a crash at any instant, sees the
+    old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a stale one keeps its old mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, json.dumps(data, indent=1).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class Inline:
@@ -366,39 +429,29 @@ class Orchestrator:
                 "decisions": list(self.decisions), "sample": self.sample}
 
     def checkpoint(self):
-        """Write the state atomically: a reader (or a restart after a crash
-        at any instant) sees either the old file or the new one."""
-        if not self.state_file:
-            return
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        data = json.dumps(self.state(), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.state_file)
-        dfd = os.open(self.state_file.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        if self.state_file:
+            write_checkpoint(self.state_file, self.state())
 
     def restore(self):
-        data = json.loads(self.state_file.read_text())
-        if data.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.state_file}: unknown checkpoint version")
-        self.cycle = data["cycle"]
-        self._next_id = data["next_id"]
-        self.started, self.stopped = data["started"], data["stopped"]
-        self.last_cycle_at = data["last_cycle_at"]
-        self.failures = data.get("failures", 0)
-        self.hold_until = data.get("hold_until", 0.0)
-        self.nodes = {d["nodeid"]: Node.from_dict(d) for d in data["nodes"]}
-        self.history.extend(Node.from_dict(d) for d in data["history"])
-        self.decisions.extend(tuple(d) for d in data["decisions"])
-        self.sample = data.get("sample", {})
+        data = read_checkpoint(self.state_file)
+        try:
+            self.cycle = int(data["cycle"])
+            self._next_id = int(data["next_id"])
+            self.started = int(data["started"])
+            self.stopped = int(data["stopped"])
+            self.last_cycle_at = data["last_cycle_at"]
+            self.failures = int(data.get("failures", 0))
+            self.hold_until = float(data.get("hold_until", 0.0))
+            nodes = [Node.from_dict(d) for d in data["nodes"]]
+            history = [Node.from_dict(d) for d in data["history"]]
+            decisions = [(float(t), str(text))
+                         for t, text in data["decisions"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad_checkpoint(self.state_file, e) from None
+        self.nodes = {n.nodeid: n for n in nodes}
+        self.history.extend(history)
+        self.decisions.extend(decisions)
+        self.sample = data.get("sample") or {}
         for node in self.by_state(STOPPING):  # its stop died with us
             node.data["stop_again"] = True
         self.provider.adopt(list(self.nodes.values()))
@@ -427,4 +480,11 @@ class Orchestrator:
             }
 
     def close(self, wait=True):
+        """Stop the thread pool.  With ``wait``, take in what its last calls
+        did and checkpoint: a start that returned after the last cycle
+        brought the node's pid, without which no shutdown finds it."""
         self.executor.shutdown(wait=wait)
+        if wait:
+            with self.lock:
+                self._collect_calls()
+                self.checkpoint()

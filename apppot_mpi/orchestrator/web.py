@@ -8,14 +8,22 @@
 * ``POST /x/ready`` (form fields ``node`` and ``token``): a node is up.
   Each node has its own token; it is never shown on any page.
 
-Standard library only (http.server), one thread per request.
+Standard library only (http.server), one thread per connection, and
+bounded: at most MAX_CONNECTIONS at once (MAX_PER_CLIENT per address), a
+socket idle for IDLE_SECONDS or a request not done after REQUEST_SECONDS
+is closed, bodies are read only for the known POST paths and only with a
+valid Content-Length of at most MAX_FORM bytes, sessions end after
+SESSION_SECONDS.
 """
 
+import collections
 import hmac
 import html
 import json
 import logging
+import re
 import secrets
+import socket
 import threading
 import time
 import urllib.parse
@@ -24,7 +32,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger("apppot.orchestrator")
 COOKIE = "apppot_session"
-MAX_FORM = 4096
+MAX_FORM = 4096  # bytes of a POST body
+POST_PATHS = ("/x/ready", "/login", "/logout")
+MAX_CONNECTIONS = 64
+MAX_PER_CLIENT = 8
+IDLE_SECONDS = 10.0  # between two reads or writes of a connection
+REQUEST_SECONDS = 30.0  # for a whole connection (slow drip senders)
+SESSION_SECONDS = 8 * 3600.0
+MAX_SESSIONS = 64
 
 CSS = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -106,6 +121,28 @@ LOGIN = """<!DOCTYPE html>
 class Handler(BaseHTTPRequestHandler):
     server_version = "apppot-orchestrator"
     sys_version = ""
+    def setup(self):
+        self.timeout = self.server.idle_seconds  # of every read and write
+        super().setup()
+        # one deadline for the whole connection: a client that drips a
+        # byte now and then never hits the idle timeout
+        self._deadline = threading.Timer(self.server.request_seconds,
+                                         self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _expire(self):
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def finish(self):
+        self._deadline.cancel()
+        try:
+            super().finish()
+        except OSError:
+            pass  # the peer went away or the deadline closed the socket
 
     # --------------------------------------------------------- helpers
     def log_message(self, fmt, *args):  # no tokens: paths only, no bodies
@@ -133,11 +170,26 @@ class Handler(BaseHTTPRequestHandler):
                                                       *headers))
 
     def form(self):
-        n = int(self.headers.get("Content-Length") or 0)
+        """The url-encoded body: ``(form, None)``, or ``(None, (status,
+        text))`` without reading anything when its length is missing, not a
+        plain decimal number, or over MAX_FORM."""
+        if "Transfer-Encoding" in self.headers:
+            return None, (HTTPStatus.LENGTH_REQUIRED, "no chunked bodies\n")
+        values = self.headers.get_all("Content-Length") or []
+        if len(values) != 1:
+            return None, (HTTPStatus.LENGTH_REQUIRED,
+                          "one Content-Length needed\n")
+        if not re.fullmatch(r"[0-9]{1,10}", values[0].strip()):
+            return None, (HTTPStatus.BAD_REQUEST, "bad Content-Length\n")
+        n = int(values[0])
         if n > MAX_FORM:
-            return None
-        body = self.rfile.read(n).decode("utf-8", "replace")
-        return {k: v[0] for k, v in urllib.parse.parse_qs(body).items()}
+            return None, (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "too large\n")
+        body = self.rfile.read(n)
+        if len(body) != n:
+            return None, (HTTPStatus.BAD_REQUEST, "body cut short\n")
+        text = body.decode("utf-8", "replace")
+        return {k: v[0] for k, v in urllib.parse.parse_qs(
+            text, max_num_fields=16).items()}, None
 
     def authorized(self):
         web = self.server.web
@@ -175,10 +227,16 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self):
+        self.close_connection = True  # one request per connection
         path = urllib.parse.urlsplit(self.path).path
-        form = self.form()
-        if form is None:
-            return self.send(413, "too large\n", "text/plain")
+        if path not in POST_PATHS:  # no body read for anything else
+            return self.send(404, "not found\n", "text/plain")
+        try:
+            form, refused = self.form()
+        except ValueError:  # parse_qs: too many fields
+            form, refused = None, (HTTPStatus.BAD_REQUEST, "bad form\n")
+        if refused:
+            return self.send(*refused, "text/plain")
         web = self.server.web
         if path == "/x/ready":
             ok = web.orch.node_ready(form.get("node", ""), form.get("token", ""))
@@ -191,7 +249,7 @@ class Handler(BaseHTTPRequestHandler):
                 sid = web.new_session()
                 return self.redirect("/", ((
                     "Set-Cookie", f"{COOKIE}={sid}; HttpOnly; "
-                    "SameSite=Strict; Path=/"),))
+                    f"SameSite=Strict; Path=/; Max-Age={int(web.session_seconds)}"),))
             time.sleep(0.5)  # slow down guessing
             return self.send(403, LOGIN.format(
                 msg="<p id='error'>Wrong token.</p>"))
@@ -202,43 +260,107 @@ class Handler(BaseHTTPRequestHandler):
         return self.send(404, "not found\n", "text/plain")
 
 
+class Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on connections (in all and per
+    client address) and one-line logs instead of tracebacks."""
+
+    daemon_threads = True
+    block_on_close = False  # closing must not wait for slow clients
+
+    def __init__(self, address, web, max_connections=MAX_CONNECTIONS,
+                 max_per_client=MAX_PER_CLIENT, idle_seconds=IDLE_SECONDS,
+                 request_seconds=REQUEST_SECONDS):
+        super().__init__(address, Handler)
+        self.web = web
+        self.max_connections, self.max_per_client = (max_connections,
+                                                     max_per_client)
+        self.idle_seconds, self.request_seconds = (idle_seconds,
+                                                   request_seconds)
+        self.open = collections.Counter()  # client address → connections
+        self.open_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        host = client_address[0]
+        with self.open_lock:
+            full = (sum(self.open.values()) >= self.max_connections or
+                    self.open[host] >= self.max_per_client)
+            if not full:
+                self.open[host] += 1
+        if full:
+            log.debug("web: %s refused: too many connections", host)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.open_lock:
+                self.open[client_address[0]] -= 1
+                if self.open[client_address[0]] <= 0:
+                    del self.open[client_address[0]]
+
+    def handle_error(self, request, client_address):
+        import sys  # noqa: PLC0415
+
+        log.warning("web: request from %s failed: %s", client_address[0],
+                    sys.exc_info()[1])
+
+
 class WebServer:
     """The HTTP server in a thread; ``url`` once started."""
 
-    def __init__(self, orch, host, port, admin_token):
+    def __init__(self, orch, host, port, admin_token, *,
+                 session_seconds=SESSION_SECONDS, clock=time.monotonic,
+                 **limits):
+        if not admin_token:  # would let an empty token in
+            raise ValueError("empty admin token")
         self.orch = orch
         self.admin_token = admin_token
-        self.sessions = set()
+        self.session_seconds = session_seconds
+        self.clock = clock
+        self.sessions = {}  # sid → expiry (self.clock)
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.web = self
+        self.httpd = Server((host, port), self, **limits)
         host, port = self.httpd.server_address[:2]
         self.url = f"http://{host}:{port}/"
         self.thread = threading.Thread(target=self.httpd.serve_forever,
                                        name="web", daemon=True)
 
     def check_token(self, token):
-        return hmac.compare_digest(self.admin_token.encode(),
-                                   str(token).encode())
+        token = str(token)
+        return bool(token) and hmac.compare_digest(
+            self.admin_token.encode(), token.encode())
 
     def new_session(self):
         sid = secrets.token_urlsafe(32)
         with self.lock:
-            self.sessions.add(sid)
+            self._expire_sessions()
+            while len(self.sessions) >= MAX_SESSIONS:  # oldest goes
+                del self.sessions[min(self.sessions,
+                                      key=self.sessions.get)]
+            self.sessions[sid] = self.clock() + self.session_seconds
         return sid
+
+    def _expire_sessions(self):
+        now = self.clock()
+        for sid in [s for s, end in self.sessions.items() if end <= now]:
+            del self.sessions[sid]
 
     def check_session(self, sid):
         with self.lock:
-            return any(hmac.compare_digest(s.encode(), sid.encode())
-                       for s in self.sessions)
+            self._expire_sessions()
+            return bool(sid) and any(
+                hmac.compare_digest(s.encode(), sid.encode())
+                for s in self.sessions)
 
     def end_session(self, cookie_header):
         for part in cookie_header.split(";"):
             name, _, value = part.strip().partition("=")
             if name == COOKIE:
                 with self.lock:
-                    self.sessions.discard(value)
+                    self.sessions.pop(value, None)
 
     def start(self):
         self.thread.start()

@@ -71,8 +71,11 @@ APPLIANCE_OPTIONS = (
            "merge this apppot-snap changes archive at boot"),
     Option("net", ("--net",),
            "guest network: none; slirp (user-mode NAT; the host is "
-           "10.0.2.2); or tap:IFNAME:ADDR/PREFIX (an existing tap device, "
-           "e.g. on a bridge apppot-orchestrator made) (default: none)"),
+           "10.0.2.2); tap:IFNAME:ADDR/PREFIX (an existing tap device); "
+           "raw:IFNAME:ADDR/PREFIX (a host interface, e.g. a veth end, "
+           "through a packet socket; needs CAP_NET_RAW); or "
+           "fd:FD:ADDR/PREFIX (an inherited socket, e.g. a packet socket a "
+           "privileged parent bound) (default: none)"),
     Option("boot_timeout", ("--boot-timeout",),
            "seconds allowed for booting (default: 60)"),
     Option("keep", ("--keep",), "keep the run directory (COW file, logs)",
@@ -90,6 +93,10 @@ APPLIANCE_OPTIONS = (
 START_OPTIONS = (
     Option("id", ("--id",), "appliance id (UML umid; default: apppot-<pid>)"),
     Option("timeout", ("--timeout",), "kill the appliance after SECONDS"),
+    Option("no_job_dir", ("--no-job-dir",),
+           "give the appliance no host directory at all (no hostfs prefix): "
+           "PROG runs in the guest user's home", env=False,
+           kwargs=(("action", "store_true"),)),
 )
 
 

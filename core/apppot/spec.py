@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 GUEST_INIT = "/usr/lib/apppot/init.py"
+NO_HOSTFS = "/dev/null/apppot-no-host-files"  # hostfs= without a job dir
 SPEC_VERSION = 1
 
 
@@ -71,8 +72,10 @@ class ApplianceSpec:
             f"init={GUEST_INIT}",
             f"mconsole=notify:{self.notify}",
             # hostfs: only the job dir; without it the guest could mount
-            # any host path the user can read.
-            f"hostfs={self.hostfs}" if self.hostfs else "hostfs=/nonexistent",
+            # any host path the user can read.  No job dir: a prefix below
+            # a file, so every path under it (".." too) fails on the host
+            # with ENOTDIR, whatever anyone creates (/nonexistent can be).
+            f"hostfs={self.hostfs}" if self.hostfs else f"hostfs={NO_HOSTFS}",
             *self.channels.args(),
             *self.net_args,
             "noreboot",  # a guest reboot ends the run instead of re-exec

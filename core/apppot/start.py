@@ -4,7 +4,9 @@
 
 The current directory (the job dir) appears in the appliance at the same
 path; PROG runs there as a guest user with your uid/gid, gets exactly ARGS,
-and its exit status becomes apppot-start's.
+and its exit status becomes apppot-start's.  With --no-job-dir the
+appliance sees no host directory at all and PROG runs in the guest user's
+home.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import sys
 import termios
 import threading
@@ -160,16 +163,17 @@ class Prepared:
     image: Path
     cow: Path | None
     changes: Path | None
-    jobdir: Path
+    jobdir: Path | None
     kernel_args: tuple = ()  # e.g. seccomp=auto
 
 
 def prepare_common(args, environ, *, count=1, boot_default=60.0, needs=(),
-                   check_mem=True):
+                   check_mem=True, with_jobdir=True):
     """Validate the appliance options for ``count`` appliances before
     anything starts (bad input: one-line errors, status 125).  With
     ``check_mem=False`` the caller checks memory (``check_memory``) once it
-    knows the size of its appliances."""
+    knows the size of its appliances.  Without ``with_jobdir`` the appliance
+    gets no job dir (and no hostfs prefix)."""
     mem = parse_size(args.mem or "256M")
     timeout = parse_seconds(args.timeout) if args.timeout else None
     boot_timeout = parse_seconds(args.boot_timeout or boot_default,
@@ -184,7 +188,7 @@ def prepare_common(args, environ, *, count=1, boot_default=60.0, needs=(),
                               "alone; each appliance gets its own COW file")
         check_cow(choice.cow, image)
     changes = check_changes(args.changes) if args.changes else None
-    jobdir = check_jobdir(Path.cwd())
+    jobdir = check_jobdir(Path.cwd()) if with_jobdir else None
     if check_mem:
         check_memory(mem, count, environ)
     return Prepared(mem, timeout, boot_timeout, kern, image, choice.cow,
@@ -218,33 +222,50 @@ TAP_OOPS_FROM = (7, 0)  # 7.2 oopses in vector_net_open (no mmsg queues)
 class HostLink:
     """``--net tap:IFNAME:ADDR/PREFIX``: the guest's eth0 on a tap device;
     ``raw:IFNAME:ADDR/PREFIX``: on a host interface through a packet socket
-    (e.g. one end of a veth pair; needs CAP_NET_RAW).  AppPot's 7.2 kernel
-    oopses on tap (no multi-packet queues; see TAP_OOPS_FROM); raw works on
-    6.1 and 7.2."""
+    UML opens (e.g. one end of a veth pair; needs CAP_NET_RAW);
+    ``fd:FD:ADDR/PREFIX``: on a socket inherited as FD (e.g. a packet socket
+    a privileged parent opened and bound for us: no capability needed
+    here).  AppPot's 7.2 kernel oopses on tap (no multi-packet queues; see
+    TAP_OOPS_FROM); raw and fd work on 6.1 and 7.2."""
 
     kind: str
-    ifname: str
+    ifname: str | None
     address: str
+    fd: int | None = None
 
     def uml_args(self):
+        if self.kind == "fd":  # frames as they are: no header, mmsg calls
+            return (f"vec0:transport=fd,fd={self.fd}",)
         return (f"vec0:transport={self.kind},ifname={self.ifname}",)
+
+    def fds(self):
+        return () if self.fd is None else (self.fd,)
 
     def guest_net(self):
         return [{"device": "vec0", "name": "eth0", "address": self.address}]
 
 
 def parse_net(value):
-    """``none``, ``slirp``, ``tap:IFNAME:ADDR/PREFIX`` or
-    ``raw:IFNAME:ADDR/PREFIX`` (checked, pure)."""
+    """``none``, ``slirp``, ``tap:IFNAME:ADDR/PREFIX``,
+    ``raw:IFNAME:ADDR/PREFIX`` or ``fd:FD:ADDR/PREFIX`` (checked, pure)."""
     value = value or "none"
     if value in ("none", "slirp"):
         return value
     kind, _, rest = value.partition(":")
     ifname, _, cidr = rest.partition(":")
-    hint = "use --net none, slirp, tap:IFNAME:ADDR/PREFIX or raw:IFNAME:..."
-    if kind not in ("tap", "raw") or not ifname or not cidr:
+    hint = ("use --net none, slirp, tap:IFNAME:ADDR/PREFIX, raw:IFNAME:... "
+            "or fd:FD:...")
+    if kind not in ("tap", "raw", "fd") or not ifname or not cidr:
         raise ConfigError(f"--net: cannot parse {value!r}", hint=hint)
-    if len(ifname) > 15 or not all(c.isalnum() or c in "-_." for c in ifname):
+    fd = None
+    if kind == "fd":
+        if not ifname.isdigit() or int(ifname) < 3:
+            raise ConfigError(f"--net: bad file descriptor {ifname!r}",
+                              hint="give an inherited socket's number, 3 or "
+                              "more (0-2 are stdin, stdout, stderr)")
+        fd, ifname = int(ifname), None
+    elif len(ifname) > 15 or not all(c.isalnum() or c in "-_."
+                                     for c in ifname):
         raise ConfigError(f"--net: bad interface name {ifname!r}",
                           hint="at most 15 letters, digits, '-', '_', '.'")
     try:
@@ -255,13 +276,36 @@ def parse_net(value):
     if "/" not in cidr:
         raise ConfigError(f"--net: address {cidr!r} has no prefix length",
                           hint="give ADDR/PREFIX, e.g. 10.254.0.11/24")
-    return HostLink(kind, ifname, cidr)
+    return HostLink(kind, ifname, cidr, fd)
+
+
+def check_link(net):
+    """The link --net names exists here: an interface in this process's
+    network namespace (/sys may show another), or an inherited socket."""
+    if net.kind == "fd":
+        try:
+            is_socket = stat.S_ISSOCK(os.fstat(net.fd).st_mode)
+        except OSError:
+            is_socket = False
+        if not is_socket:
+            raise ConfigError(f"--net fd:{net.fd}: file descriptor {net.fd} "
+                              "is not an open socket", hint="start "
+                              "apppot-start with the socket inherited as that "
+                              "descriptor (e.g. a packet socket bound to a "
+                              "veth end)")
+        return
+    try:
+        socket.if_nametoindex(net.ifname)
+    except OSError:
+        raise ConfigError(f"--net: no network interface {net.ifname!r} "
+                          "here", hint="create it first: ip tuntap add dev "
+                          f"{net.ifname} mode tap user $USER") from None
 
 
 def prepare(args, environ):
     """apppot-start's checks: the shared ones, the network, --env."""
     net = parse_net(args.net)
-    common = prepare_common(args, environ)
+    common = prepare_common(args, environ, with_jobdir=not args.no_job_dir)
     link = None  # the libslirp-helper path, or a HostLink
     if net == "slirp":
         common.kernel.require("vector")
@@ -276,12 +320,7 @@ def prepare(args, environ):
                               "vector driver crashes on tap devices",
                               hint="use raw:IFNAME:ADDR with one end of a veth "
                               "pair, or --kernel /usr/bin/linux.uml")
-        try:  # in this process's network namespace (/sys may show another)
-            socket.if_nametoindex(net.ifname)
-        except OSError:
-            raise ConfigError(f"--net: no network interface {net.ifname!r} "
-                              "here", hint="create it first: ip tuntap add dev "
-                              f"{net.ifname} mode tap user $USER") from None
+        check_link(net)
         link = net
     return common, link, parse_env_args(args.env, environ)
 
@@ -318,7 +357,8 @@ def run(args, environ=None):
     umid = check_umid(args.id) if args.id else f"apppot-{os.getpid()}"
     check_rundir_room(umid)
     guest = GuestSpec(uid=uid, gid=gid, user=user, group=group,
-                      jobdir=str(plan.jobdir), argv=argv,
+                      jobdir=str(plan.jobdir) if plan.jobdir else None,
+                      argv=argv,
                       env=guest_env(environ, interactive, guest_vars),
                       hostname=umid[:63], interactive=interactive,
                       winsize=winsize)
@@ -337,7 +377,8 @@ def run(args, environ=None):
         channels = app.make_channels(interactive, slave)
         net_args, net_fds = (), ()
         if isinstance(link, HostLink):
-            net_args, guest.net = link.uml_args(), link.guest_net()
+            net_args, net_fds = link.uml_args(), link.fds()
+            guest.net = link.guest_net()
         elif link:
             fd = app.start_slirp(link)
             net_fds = (fd,)
