@@ -394,11 +394,14 @@ captured = []
 end = time.monotonic() + seconds
 while time.monotonic() < end:  # the other node's frames, as they pass
     try:
-        captured.append(s.recv(65536))
+        d, addr = s.recvfrom(65536)
     except TimeoutError:
-        pass
+        continue
+    if addr[1] == port:  # a hub's (the other replayer sends from elsewhere)
+        captured.append(d)
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for d in captured:  # replayed into this node: its hub gets them
-    s.sendto(d, (group, port))
+    tx.sendto(d, (group, port))
     time.sleep(0.0002)
 print(len(captured))
 """
