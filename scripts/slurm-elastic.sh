@@ -34,6 +34,16 @@ up() {
         report; return
     fi
     mkdir -p "$D/state" "$D/log" "$D/orchestrator"
+    # A run killed before 'down' leaves its namespace: reuse the name only
+    # when nothing runs in it any more
+    if [ -e "/run/netns/$NS" ]; then
+        if [ -n "$(ip netns pids "$NS" 2>/dev/null)" ]; then
+            echo "slurm-elastic.sh: namespace $NS is in use" \
+                "(hint: scripts/slurm-elastic.sh down, or set ELASTIC_NETNS)" >&2
+            exit 1
+        fi
+        ip netns del "$NS"
+    fi
     ip netns add "$NS"
     ip -n "$NS" link set lo up
     ip -n "$NS" link add br0 type bridge
