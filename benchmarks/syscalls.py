@@ -157,6 +157,21 @@ def machine():
             "python": platform.python_version()}
 
 
+def now():
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def save(result, out, stem, render, draw):
+    """STEM.json and STEM.png in ``out``; print the table and what was
+    written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    draw(result, out / f"{stem}.png")
+    print(render(result))
+    print(f"# wrote {out / stem}.json, {out / stem}.png in "
+          f"{result['seconds']} s")
+
+
 def _read(path):
     try:
         return Path(path).read_text().strip()
@@ -331,7 +346,7 @@ def table(result):
                                          else f" ({r:.1f}×)" if r else ""))
         body.append(f"| {LABELS[test]} | " + " | ".join(cells) + " |")
     m = result["machine"]
-    foot = (f"\n{m['cpu']}, {m['cpus']} CPUs, host {m['host_kernel']}; "
+    foot = (f"\n\n{m['cpu']}, {m['cpus']} CPUs, host {m['host_kernel']}; "
             f"{result['date'][:10]}; median of {result['profile']['runs']} "
             f"runs × {result['profile']['reps']} repetitions")
     return "\n".join(head + body) + foot
@@ -395,9 +410,8 @@ def main(argv=None):
     kernels = {"debian-6.1": STOCK, "own-unpatched": unpatched,
                "own-patched": patched}
     result = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(
-            timespec="seconds"),
-        "machine": machine(), "profile": p, "iterations": iterations,
+        "date": now(), "machine": machine(), "profile": p,
+        "iterations": iterations,
         "configs": {name: {"apppot_start": opts, "seccomp": (
             None if opts is None else opts[opts.index("--seccomp") + 1])}
             for name, opts in configs(patched, unpatched).items()
@@ -406,12 +420,7 @@ def main(argv=None):
         "unit": "ns per operation (idle_cpu: host CPU ms per second)",
         "rows": rows, "ratios": ratios(rows), "samples": samples,
         "seconds": round(time.monotonic() - t0)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "syscalls.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / "syscalls.png")
-    print(table(result))
-    print(f"# wrote {args.out / 'syscalls.json'}, {args.out / 'syscalls.png'}"
-          f" in {result['seconds']} s")
+    save(result, args.out, "syscalls", table, plot)
     return 0
 
 
