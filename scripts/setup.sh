@@ -13,7 +13,7 @@ REPO=$(pwd)
 APT_PACKAGES="user-mode-linux mmdebstrap e2fsprogs libslirp-helper gcc libc6-dev
   python3 python3-venv python3-dev python3-mpi4py openmpi-bin libopenmpi-dev mpich
   libmpich-dev iproute2 util-linux procps tar gzip diod slurm-wlm munge
-  make bc bison flex xz-utils chromium chromium-driver curl"
+  make bc bison flex patch xz-utils chromium chromium-driver curl"
 export APPPOT_HOME="${APPPOT_HOME:-/var/cache/apppot}"  # machine-wide images
 
 if [ "$(id -u)" != 0 ]; then

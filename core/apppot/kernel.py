@@ -6,6 +6,7 @@ UML 6.1 needs on hosts with AVX-512/AMX: see ``native/xstate_shim.c``.
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -39,6 +40,9 @@ FEATURES = {
     "smp": "CONFIG_SMP",
 }
 BASE_FEATURES = ("ubd", "hostfs", "ext4", "mconsole", "sysrq", "devtmpfs")
+# Not Kconfig symbols: seccomp is a run-time mode (--help lists seccomp=),
+# patched means built by apppot-kernel with its patch series (build.json).
+ALL_FEATURES = (*FEATURES, "seccomp", "patched")
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,13 @@ class Kernel:
     version: str
     config: dict = field(repr=False, compare=False)
     options: frozenset = field(default=frozenset(), repr=False, compare=False)
+    patches: tuple = field(default=(), compare=False)  # names, in order
 
     def has(self, feature):
         if feature == "seccomp":  # a run-time mode, not a Kconfig symbol
             return "seccomp=" in self.options
+        if feature == "patched":
+            return bool(self.patches)
         return self.config.get(FEATURES[feature]) in ("y", "m")
 
     @property
@@ -67,8 +74,8 @@ class Kernel:
             "smp") else 1
 
     def describe(self):
-        feats = [f for f in ("mcast", "vector", "9p", "smp", "seccomp")
-                 if self.has(f)]
+        feats = [f for f in ("mcast", "vector", "9p", "smp", "seccomp",
+                             "patched") if self.has(f)]
         return (f"{self.path} (UML {self.version}, "
                 f"{'AppPot build' if self.own else 'distribution'}; "
                 f"{', '.join(feats) or 'basic'})")
@@ -168,6 +175,16 @@ def _options(path):
         errors="replace"), re.M))
 
 
+def _patches(path):
+    """The patch names apppot-kernel recorded beside its build (build.json);
+    () for other binaries."""
+    try:
+        meta = json.loads((path.parent / "build.json").read_text())
+    except (OSError, ValueError):
+        return ()
+    return tuple(p["name"] for p in meta.get("patches", ()))
+
+
 @functools.lru_cache(maxsize=8)
 def _load_kernel(path, _mtime, _size):
     with open(path, "rb") as f:
@@ -189,7 +206,8 @@ def _load_kernel(path, _mtime, _size):
                           "(--showconfig gave no Linux/um configuration)",
                           hint="use linux.uml from user-mode-linux")
     config = dict(re.findall(r"^(CONFIG_\w+)=(.*)$", text, re.M))
-    kernel = Kernel(Path(path), m.group(1), config, _options(path))
+    kernel = Kernel(Path(path), m.group(1), config, _options(path),
+                    _patches(Path(path)))
     kernel.require(*BASE_FEATURES)
     return kernel
 

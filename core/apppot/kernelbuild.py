@@ -1,8 +1,8 @@
 """apppot-kernel: build AppPot's own UML kernel from Debian's sources; list
 the kernels the tools can use.
 
-    apppot-kernel build [--series 7.2] [--jobs N] [--force]
-    apppot-kernel list
+    apppot-kernel build [--series 7.2] [--jobs N] [--force] [--unpatched]
+    apppot-kernel list [-v]
     apppot-kernel path
 
 ``build`` fetches Debian's ``linux-source-SERIES`` package with apt through a
@@ -10,9 +10,13 @@ private sources list and state directory under the cache (the machine's apt
 configuration is never touched), configures ``make ARCH=um defconfig`` plus
 the project's fragment (``kconfig/uml.config``: everything built in, SMP,
 the vector network driver, 9P, no RAID6/XOR boot benchmarks, no SELinux),
-checks that every option it asks for took effect, builds ``linux``, and
-caches it in $APPPOT_HOME/kernels/ keyed by series and configuration.  A
-later build with the same inputs reuses it.  Debian 12's own
+applies AppPot's patch series (``kpatches/SERIES/series``, in order; a
+patch that does not apply stops the build, naming it), checks that every
+option it asks for took effect, builds ``linux``, and caches it in
+$APPPOT_HOME/kernels/ keyed by series, configuration and patches.  A later
+build with the same inputs reuses it; ``--unpatched`` builds the plain
+kernel beside it (for comparisons), and ``list -v`` names each kernel's
+patches.  Debian 12's own
 ``/usr/bin/linux.uml`` (6.1) stays supported; see ``kernel.find_kernel``
 for how the tools choose.
 """
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import kernel
@@ -40,10 +45,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SERIES = "7.2"
 FRAGMENT = Path(__file__).with_name("kconfig") / "uml.config"
+PATCH_ROOT = Path(__file__).with_name("kpatches")
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "unstable"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-BUILD_TOOLS = ("make", "gcc", "bc", "bison", "flex", "dpkg-deb", "apt-get")
+BUILD_TOOLS = ("make", "gcc", "bc", "bison", "flex", "dpkg-deb", "apt-get",
+               "patch")
 
 
 def progress(step, total, text):
@@ -76,8 +83,63 @@ def unmet_options(want, config_text):
     return bad
 
 
-def build_key(series, fragment_text):
-    h = hashlib.sha256(f"{series}\0{fragment_text}".encode()).hexdigest()
+@dataclass(frozen=True)
+class Patch:
+    """One patch of the series: its file name and text (a ``-p1`` diff
+    after a header saying what it does, why, and what it measured)."""
+
+    name: str
+    text: str
+
+    @property
+    def sha256(self):
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def subject(self):
+        """The header's ``Subject:`` line, else the file name."""
+        m = re.search(r"^Subject: (?:\[PATCH[^]]*\] )?(.+)$", self.text, re.M)
+        return m.group(1).strip() if m else self.name
+
+
+def patch_series(series, root=None):
+    """The patches of ``series`` in the order of ``root/SERIES/series``
+    (one file name a line, ``#`` comments); () when the series has none.
+    A listed file that is missing, or a ``.patch`` file that is not
+    listed, is an error: the series must say exactly what is applied."""
+    folder = Path(root or PATCH_ROOT) / series
+    listing = folder / "series"
+    present = {p.name for p in folder.glob("*.patch")}
+    if not listing.exists():
+        if present:
+            raise BuildError(f"{folder} has patches but no series file",
+                             hint="list the patches in order in "
+                             f"{listing}")
+        return ()
+    names = [line.split("#", 1)[0].strip()
+             for line in listing.read_text().splitlines()]
+    names = [n for n in names if n]
+    for name in names:
+        if names.count(name) > 1:
+            raise BuildError(f"{listing}: {name} is listed twice",
+                             hint="each patch is applied once")
+        if name not in present:
+            raise BuildError(f"{listing}: {name} does not exist",
+                             hint=f"add {folder / name} or drop the line")
+    unlisted = sorted(present - set(names))
+    if unlisted:
+        raise BuildError(f"{folder / unlisted[0]} is not in {listing}",
+                         hint="list it (in order) or delete it")
+    return tuple(Patch(n, (folder / n).read_text()) for n in names)
+
+
+def build_key(series, fragment_text, patches=()):
+    """Cache key: series, configuration and every patch (name and text).
+    Without patches it is the key unpatched builds always had."""
+    text = f"{series}\0{fragment_text}"
+    for p in patches:
+        text += f"\0{p.name}\0{p.text}"
+    h = hashlib.sha256(text.encode()).hexdigest()
     return f"uml-{series}-{h[:12]}"
 
 
@@ -99,7 +161,8 @@ def kernels_dir(home=None):
 
 
 def built_kernels(home=None):
-    """Cached builds, newest version first: [(path, build.json data)]."""
+    """Cached builds, newest version first, a patched build before the
+    unpatched one of the same version: [(path, build.json data)]."""
     out = []
     for stamp in kernels_dir(home).glob("uml-*/build.json"):
         try:
@@ -109,8 +172,26 @@ def built_kernels(home=None):
         binary = stamp.parent / "linux"
         if binary.exists():
             out.append((binary, meta))
-    return sorted(out, key=lambda x: _vtuple(x[1].get("version", "")),
+    return sorted(out, key=lambda x: (_vtuple(x[1].get("version", "")),
+                                      bool(x[1].get("patches"))),
                   reverse=True)
+
+
+def prune(kdir, series, keep):
+    """Delete the earlier builds of ``series`` that ``keep`` replaces: those
+    with the same patched-ness (the unpatched build stays beside the
+    patched one, for comparisons, and vice versa)."""
+    for old in Path(kdir).glob(f"uml-{series}-*"):
+        if old != keep and _is_patched(old) == _is_patched(keep):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_patched(build_dir):
+    try:
+        meta = json.loads((Path(build_dir) / "build.json").read_text())
+    except (OSError, ValueError):
+        return False  # unfinished or pre-series builds had no patches
+    return bool(meta.get("patches"))
 
 
 def _vtuple(text):
@@ -163,6 +244,26 @@ def unpack_source(deb, series, work):
     return work / f"linux-source-{series}"
 
 
+def apply_patches(tree, patches, source, listing):
+    """Apply the series in order; the first patch that does not apply
+    exactly (no fuzz) stops the build, naming it: never a silently
+    unpatched kernel.  ``source`` names the tree, ``listing`` the series
+    file, in the message."""
+    for p in patches:
+        base = ["patch", "-p1", "--forward", "--batch", "--fuzz=0",
+                "--no-backup-if-mismatch", "--reject-file=-"]
+        for extra in (["--dry-run"], []):
+            argv = [*base, *extra]
+            log.debug("executing: %s < %s", shlex.join(argv), p.name)
+            proc = subprocess.run(argv, cwd=tree, input=p.text, text=True,
+                                  capture_output=True, check=False)
+            if proc.returncode != 0:
+                raise BuildError(
+                    f"kernel patch {p.name} does not apply to {source}",
+                    hint=f"refresh it against {source} or drop it from "
+                    f"{listing}", details=proc.stdout + proc.stderr)
+
+
 def configure(tree, fragment_text):
     frag = tree / "apppot.config"
     frag.write_text(fragment_text)
@@ -209,13 +310,16 @@ def compile_kernel(tree, jobs, expected=EXPECTED_FILES):
     return tree / "linux", count
 
 
-def build(series=DEFAULT_SERIES, jobs=None, force=False, home=None):
+def build(series=DEFAULT_SERIES, jobs=None, force=False, home=None,
+          patched=True):
     missing = [t for t in BUILD_TOOLS if not shutil.which(t)]
     if missing:
         raise BuildError(f"missing build tools: {', '.join(missing)}",
-                         hint="apt-get install build-essential bc bison flex")
+                         hint="apt-get install build-essential bc bison "
+                         "flex patch")
     fragment_text = FRAGMENT.read_text()
-    key = build_key(series, fragment_text)
+    patches = patch_series(series) if patched else ()
+    key = build_key(series, fragment_text, patches)
     dest = kernels_dir(home) / key
     if (dest / "linux").exists() and not force:
         progress(1, 1, f"kernel up to date: {dest / 'linux'}")
@@ -225,13 +329,17 @@ def build(series=DEFAULT_SERIES, jobs=None, force=False, home=None):
     kernels_dir(home).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=kernels_dir(home)))
     try:
-        progress(1, 4, f"fetching linux-source-{series} from Debian {SUITE}")
+        progress(1, 5, f"fetching linux-source-{series} from Debian {SUITE}")
         deb, version = fetch_source(series, kernels_dir(home) / "apt")
-        progress(2, 4, f"unpacking {deb.name}")
+        progress(2, 5, f"unpacking {deb.name}")
         tree = unpack_source(deb, series, work)
-        progress(3, 4, "configuring (defconfig + kconfig/uml.config)")
+        progress(3, 5, f"applying {len(patches)} patches (kpatches/{series})"
+                 if patches else "no patches (unpatched build)")
+        apply_patches(tree, patches, f"linux-source-{series} {version}",
+                      PATCH_ROOT / series / "series")
+        progress(4, 5, "configuring (defconfig + kconfig/uml.config)")
         configure(tree, fragment_text)
-        progress(4, 4, f"compiling with {jobs} jobs (several minutes)")
+        progress(5, 5, f"compiling with {jobs} jobs (several minutes)")
         binary, files = compile_kernel(tree, jobs)
         _run(["strip", "--strip-debug", str(binary)])
         staging = work / key
@@ -243,15 +351,15 @@ def build(series=DEFAULT_SERIES, jobs=None, force=False, home=None):
         (staging / "build.json").write_text(json.dumps({
             "series": series, "source": f"linux-source-{series} {version}",
             "version": loaded.version, "key": key, "files": files,
+            "patches": [{"name": p.name, "sha256": p.sha256,
+                         "subject": p.subject} for p in patches],
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.monotonic() - t0)}, indent=1))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging, dest)
         os.chmod(dest, 0o755)
-        for old in kernels_dir(home).glob(f"uml-{series}-*"):
-            if old != dest:  # an earlier configuration of this series
-                shutil.rmtree(old, ignore_errors=True)
+        prune(kernels_dir(home), series, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"built {dest / 'linux'} ({loaded.version}) in "
@@ -271,6 +379,9 @@ def main(argv=None):
     b.add_argument("--jobs", type=int, help="make -j (default: all cores)")
     b.add_argument("--force", action="store_true",
                    help="rebuild even if the inputs did not change")
+    b.add_argument("--unpatched", action="store_true",
+                   help="build without AppPot's patch series (kept beside "
+                   "the patched build; for comparisons)")
     ls = sub.add_parser("list", help="the kernels found, best first")
     p = sub.add_parser("path", help="print the kernel apppot-start would use")
     for sp in (b, ls, p):
@@ -282,14 +393,18 @@ def main(argv=None):
             if not re.fullmatch(r"\d+\.\d+", args.series):
                 raise ConfigError(f"--series: not a kernel series: "
                                   f"{args.series!r}", hint="e.g. --series 7.2")
-            build(args.series, args.jobs, args.force)
+            build(args.series, args.jobs, args.force,
+                  patched=not args.unpatched)
         elif args.cmd == "path":
             print(kernel.find_kernel().path)
         else:
             for k in kernel.candidates():
-                feats = ", ".join(f for f in sorted(kernel.FEATURES)
+                feats = ", ".join(f for f in sorted(kernel.ALL_FEATURES)
                                   if k.has(f))
                 print(f"{k.path}  UML {k.version}  [{feats}]")
+                if args.verbose:
+                    for name in k.patches:
+                        print(f"    patch {name}")
         return 0
     except AppPotError as e:
         if args.debug:
