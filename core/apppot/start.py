@@ -69,7 +69,9 @@ def build_parser():
     parser = ArgumentParser(
         prog="apppot-start", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Without PROG, ./apppot-run in the job dir is run if it is "
+        epilog="Without PROG, the image's default command (a recipe's "
+        "command, an imported image's Entrypoint + Cmd, run in its "
+        "WorkingDir) runs, else ./apppot-run in the job dir if it is "
         "executable, else a shell.\nstdin and stdout on a terminal give an "
         "interactive session; else stdin (a pipe or file) is the program's "
         "stdin.\n\n"
