@@ -8,16 +8,14 @@ system disk (``apppot-image build --mpi none``).
 """
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import as_user, run_job, start, tool
-from ociarchive import docker_archive, entry, image_config, layer_tar, \
-    write_tar
+from conftest import run_job, start, tool
+from ociarchive import docker_archive, entry, image_config, layer_tar, write_tar
 
 from apppot.images import default_image
 
@@ -205,7 +203,7 @@ def test_mpirun_runs_the_images_own_open_mpi(debian_img, jobdir, per,
             "os.environ['IMAGE_VAR'], flush=True)")
     argv = [tool("apppot-mpirun"), "--image", str(debian_img), "-n", "2",
             "--per", per, "--kernel", own_kernel, "python3", "-c", prog]
-    r = run_job(as_user(None) + argv, cwd=jobdir, timeout=240)
+    r = run_job(argv, cwd=jobdir, timeout=240)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert sorted(r.stdout.decode().splitlines()) == [
         "0 2 3 from-image", "1 2 3 from-image"]

@@ -298,24 +298,24 @@ def finalize(image, verbose):
                          hint="rerun with -v to see the boot log")
 
 
-def build(mpi="openmpi", packages=(), output=None, verbose=False, force=False):
+def require_root(command="build", why="Debian's packages install files "
+                 "owned by root"):
     if os.geteuid() != 0:
-        raise BuildError("apppot-image build needs root (Debian's packages "
-                         "install files owned by root)",
+        raise BuildError(f"apppot-image {command} needs root ({why})",
                          hint="run it with sudo; any user can then use the "
                          "image (--output puts it where they can read it)")
+
+
+def build(mpi="openmpi", packages=(), output=None, verbose=False, force=False):
+    require_root()
     home = check_cache_home(apppot_home())
     out = Path(output).absolute() if output else default_image(mpi, home)
     rinputs = rootfs_inputs(mpi, packages)
     inputs = image_inputs(key_of(rinputs), mpi)
     stamp = out.with_name(out.name + ".json")
-    if not force and out.exists() and stamp.exists():
-        try:
-            if json.loads(stamp.read_text()).get("inputs") == inputs:
-                progress(1, 1, f"image up to date: {out}")
-                return out
-        except (OSError, ValueError):
-            pass
+    if not force and up_to_date(out, stamp, inputs):
+        progress(1, 1, f"image up to date: {out}")
+        return out
     t0 = time.monotonic()
     progress(1, 4, f"root file system from Debian {SUITE} "
              f"({', '.join(rinputs['packages'])})")
@@ -341,10 +341,7 @@ def build(mpi="openmpi", packages=(), output=None, verbose=False, force=False):
         shutil.rmtree(root)
         progress(4, 4, "first boot: recording the base state")
         finalize(tmp_img, verbose)
-        os.chmod(tmp_img, 0o444)
-        if out.exists():
-            os.chmod(out, 0o644)
-        os.replace(tmp_img, out)
+        publish(tmp_img, out)
         stamp.write_text(json.dumps({"inputs": inputs, **meta}, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -364,6 +361,25 @@ def oci_help():
     from . import oci  # noqa: PLC0415
 
     return oci.__doc__
+
+
+def up_to_date(out, stamp, inputs):
+    """Was ``out`` built from ``inputs`` (its stamp says so)?"""
+    if not (out.exists() and stamp.exists()):
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("inputs") == inputs
+    except (OSError, ValueError):
+        return False
+
+
+def publish(tmp_img, out):
+    """A finished image becomes read-only (COW files record its mtime) and
+    replaces ``out``."""
+    os.chmod(tmp_img, 0o444)
+    if out.exists():
+        os.chmod(out, 0o644)
+    os.replace(tmp_img, out)
 
 
 def main(argv=None):

@@ -558,12 +558,9 @@ def default_output(archive, image):
 
 def import_image(archive, output=None, ref=None):
     """Import ``archive`` into an ext4 image; returns its path."""
-    from .imagebuild import mkfs  # noqa: PLC0415  (imagebuild imports us)
+    from .imagebuild import mkfs, publish, require_root  # noqa: PLC0415
 
-    if os.geteuid() != 0:
-        raise BuildError("apppot-image import needs root (the image's files "
-                         "keep their owners)", hint="run it with sudo; any "
-                         "user can then use the image")
+    require_root("import", "the image's files keep their owners")
     t0 = time.monotonic()
     src = Source(archive)
     try:
@@ -588,10 +585,7 @@ def import_image(archive, output=None, ref=None):
                      t0)
             tmp = work / "image.img"
             mkfs(root, tmp)
-            os.chmod(tmp, 0o444)
-            if out.exists():
-                os.chmod(out, 0o644)
-            os.replace(tmp, out)
+            publish(tmp, out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     finally:

@@ -161,11 +161,7 @@ def _copy_one(src, dest, mode):
 def build(path, output=None, verbose=False, force=False):
     """Build (or reuse) the image of the recipe at ``path``."""
     rec = recipe.load(path)
-    if os.geteuid() != 0:
-        raise BuildError("apppot-image build needs root (Debian's packages "
-                         "install files owned by root)",
-                         hint="run it with sudo; any user can then use the "
-                         "image")
+    imagebuild.require_root()
     home = check_cache_home(apppot_home())
     out = Path(output).absolute() if output else \
         Path.cwd() / (rec.path.stem + ".img")
@@ -175,13 +171,9 @@ def build(path, output=None, verbose=False, force=False):
     guest_key = imagebuild.image_inputs(imagebuild.key_of(rinputs), rec.mpi)
     inputs = recipe.inputs(rec, imagebuild.key_of(rinputs), guest_key)
     stamp = out.with_name(out.name + ".json")
-    if not force and out.exists() and stamp.exists():
-        try:
-            if json.loads(stamp.read_text()).get("inputs") == inputs:
-                print(f"image up to date: {out}", file=sys.stderr)
-                return out
-        except (OSError, ValueError):
-            pass
+    if not force and imagebuild.up_to_date(out, stamp, inputs):
+        print(f"image up to date: {out}", file=sys.stderr)
+        return out
     phase = Phases()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="apppot-recipe-", dir=out.parent))
@@ -247,10 +239,7 @@ def build(path, output=None, verbose=False, force=False):
                              f"build boot failed (status {code})",
                              hint="its output is above; rerun with -vv for "
                              "the boot log")
-        os.chmod(tmp_img, 0o444)
-        if out.exists():
-            os.chmod(out, 0o644)
-        os.replace(tmp_img, out)
+        imagebuild.publish(tmp_img, out)
         stamp.write_text(json.dumps({"inputs": inputs, **meta}, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
