@@ -77,6 +77,7 @@ def busybox_img(workdir, system_disk):
     r = image_cmd("import", str(archive), "--output", str(out))
     assert r.returncode == 0, r.stderr
     assert "1 device nodes skipped; MPI: none" in r.stderr
+    print(r.stderr.splitlines()[-1])
     return out
 
 
@@ -163,6 +164,7 @@ def debian_img(debian_archives, workdir, system_disk):
     out = workdir / "deb.img"
     r = image_cmd("import", str(docker), "--output", str(out))
     assert r.returncode == 0, r.stderr
+    print(r.stderr.splitlines()[-1])  # the import's time and size
     stamp = json.loads(Path(str(out) + ".json").read_text())
     assert stamp["mpi_found"] == ["openmpi"]
     assert stamp["provenance"]["format"] == "docker-archive"

@@ -271,10 +271,7 @@ def open_layer(src, layer):
     """(tar stream, outer hasher, inner hasher) of a layer blob."""
     raw = src.open(layer.name)
     outer = Hashing(raw)
-    head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
-    if not head:  # tarfile's ExFileObject has no peek: sniff and rewind
-        head = raw.read(4)
-        raw.seek(0)
+    head = raw.peek(4)[:4]  # files and tar members are BufferedReaders
     if head.startswith(ZSTD_MAGIC):
         raise ImportError_(f"{layer.label}: zstd-compressed layers are not "
                            "supported", hint="save the image with gzip "

@@ -107,7 +107,6 @@ class ImageRuntime:
             guest.user = guest.group = self.user["name"]
         if self.on_system_disk:
             guest.extra["image_root"] = {"device": TREE_DEVICE}
-        return guest
 
 
 def system_disk():

@@ -325,7 +325,8 @@ def run(args, environ=None):
                       env=guest_env(environ, interactive, guest_vars),
                       hostname=umid[:63], interactive=interactive,
                       winsize=winsize)
-    image_rt = ImageRuntime.load(plan.image).apply(guest)
+    image_rt = ImageRuntime.load(plan.image)
+    image_rt.apply(guest)
     system = runtime.system_disk() if image_rt.on_system_disk else None
     rundir = make_rundir()
     keep = bool(args.keep)
