@@ -167,7 +167,7 @@ def hello_img(outdir):
     for n in range(1, 7):
         assert f"[{n}/6 " in r.stderr
     assert "== post 2: mpi-hello --version" in r.stderr
-    print(f"mpi-hello build: {took:.0f} s")
+    print(f"mpi-hello build: {took:.0f} s;", r.stderr.splitlines()[-1])
     return out
 
 
@@ -205,7 +205,7 @@ def test_python_example_with_pip(outdir, jobdir):
     r, took = build(EXAMPLES / "python-pip" / "apppot.toml", out)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "wheels" in r.stderr
-    print(f"python-pip build: {took:.0f} s")
+    print(f"python-pip build: {took:.0f} s;", r.stderr.splitlines()[-1])
     r = start(["--image", str(out)], cwd=jobdir)
     assert r.stdout == (b"wordstats ok: numpy 1.26.4, /opt/venv/lib/python3.11/"
                         b"site-packages/numpy/__init__.py\n"), r.stderr
@@ -238,6 +238,6 @@ def test_debian_13_base(tmp_path, jobdir):
     out = tmp_path / "trixie.img"
     r, took = build(path, out)
     assert r.returncode == 0, r.stderr[-4000:]
-    print(f"debian:13 build: {took:.0f} s")
+    print(f"debian:13 build: {took:.0f} s;", r.stderr.splitlines()[-1])
     r = start(["--image", str(out)], cwd=jobdir)
     assert r.returncode == 0 and r.stdout.startswith(b"13."), r.stderr
