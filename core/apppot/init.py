@@ -664,6 +664,9 @@ def exec_program(argv, env, cwd, user, fds, interactive, root=None):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         os.initgroups(user["name"], user["gid"])  # from the system's files
         if root:  # an imported image: its tree is the program's /
+            # os.execvpe imports warnings for its PATH search: import it
+            # while this Python's library is still reachable
+            import warnings  # noqa: F401, PLC0415
             os.chroot(root)
         os.setgid(user["gid"])
         os.setuid(user["uid"])
@@ -680,6 +683,8 @@ def exec_program(argv, env, cwd, user, fds, interactive, root=None):
         msg, code = "permission denied", 126
     except OSError as e:
         msg, code = e.strerror, 126
+    except BaseException as e:  # noqa: BLE001  never return into init's code
+        msg, code = f"{type(e).__name__}: {e}", 126
     name = argv[0].decode(errors="replace")
     os.write(2, f"apppot: cannot run {name!r}: {msg}\n".encode())
     os._exit(code)
