@@ -10,11 +10,10 @@ system disk (``apppot-image build --mpi none``).
 import json
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import run_job, start, tool
+from conftest import run_job, scratch_dir, start, tool
 from ociarchive import docker_archive, entry, image_config, layer_tar, write_tar
 
 from apppot.images import default_image
@@ -33,10 +32,7 @@ def image_cmd(*args):
 
 @pytest.fixture(scope="module")
 def workdir():
-    d = Path(tempfile.mkdtemp(prefix="apppot-test-import-", dir="/var/tmp"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    yield from scratch_dir("apppot-test-import-")
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,12 @@ examples built and run under apppot-start and apppot-mpirun."""
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import run_job, start, tool
+from conftest import run_job, scratch_dir, start, tool
 
 from apppot import recipe
 from apppot.errors import ConfigError
@@ -143,10 +141,7 @@ def test_build_script_and_failed_step_lines(tmp_path):
 # ------------------------------------------------------------ real builds
 @pytest.fixture(scope="module")
 def outdir():
-    d = Path(tempfile.mkdtemp(prefix="apppot-test-recipe-", dir="/var/tmp"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    yield from scratch_dir("apppot-test-recipe-")
 
 
 def build(recipe_path, out, *extra):
