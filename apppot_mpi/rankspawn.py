@@ -33,7 +33,6 @@ input, or when multicast does not reach between the nodes.
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -62,6 +61,7 @@ from apppot.config import (
     common_cli,
 )
 from apppot.errors import ConfigError
+from apppot.runtime import TREE_DEVICE, Disks, ImageRuntime, system_disk
 from apppot.spec import ApplianceSpec, GuestSpec, parse_env_args, slirp_net
 from apppot.start import (
     ArgumentParser,
@@ -168,13 +168,12 @@ def build_parser():
 
 # ------------------------------------------------------------- planning
 def image_flavour(image, requested=None):
-    """The image's MPI (from the build stamp next to it), or --mpi."""
-    stamp = Path(str(image) + ".json")
-    found = None
-    try:
-        found = json.loads(stamp.read_text()).get("mpi")
-    except (OSError, ValueError):
-        pass
+    """The image's MPI (from the build or import stamp next to it), or
+    --mpi.  An imported image may hold both MPIs (``mpi_found``)."""
+    rt = ImageRuntime.load(image)
+    found = rt.mpi
+    if rt.on_system_disk:
+        return imported_flavour(rt, requested)
     if requested and found and requested != found:
         raise ConfigError(f"--mpi {requested} but image {str(image)!r} has "
                           f"{found}", hint="drop --mpi or pick another image")
@@ -183,6 +182,39 @@ def image_flavour(image, requested=None):
         raise ConfigError(f"image {str(image)!r} has no MPI",
                           hint="build one with apppot-image build --mpi openmpi")
     return flavour
+
+
+def imported_flavour(rt, requested):
+    """An imported image runs its own MPI launcher in its own tree."""
+    where = f"imported image {str(rt.image)!r}"
+    if not rt.mpi_found:
+        raise ConfigError(f"{where} has no MPI (neither Open MPI's ompi_info "
+                          "nor MPICH's mpiexec.hydra found in it)",
+                          hint="install openmpi-bin or mpich in the image, or "
+                          "run it with apppot-start")
+    if requested and requested not in rt.mpi_found:
+        raise ConfigError(f"--mpi {requested} but {where} has "
+                          f"{', '.join(rt.mpi_found)}", hint="drop --mpi")
+    if not rt.shell:
+        raise ConfigError(f"{where} has MPI but no /bin/sh (the MPI "
+                          "launchers' remote start needs one)",
+                          hint="add a shell to the image")
+    return requested or rt.mpi_found[0]
+
+
+def apply_image(plans, rt):
+    """The image's Env (never its User: ranks run as you) for rank 0's
+    launcher and for the commands the agents start; an imported image's
+    tree as every rank's root."""
+    env = rt.env_bytes(with_user=False)
+    for p in plans:
+        p.guest.env = {**env, **p.guest.env}
+        mpi = p.guest.extra["mpi"]
+        mpi["agent_env"] = {**{k.decode(): v.decode("utf-8", "surrogateescape")
+                               for k, v in env.items()}, **mpi["agent_env"]}
+        if rt.on_system_disk:
+            p.guest.extra["image_root"] = {"device": TREE_DEVICE}
+    return plans
 
 
 def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
@@ -407,8 +439,12 @@ def run(args, environ=None):
                        group=group, jobdir=jobdir, secret=secret,
                        env=exports, boot_timeout=common.boot_timeout,
                        transport=transport, ranks=[r for _, r in appliances])
+    image_rt = ImageRuntime.load(common.image)
+    apply_image(plans, image_rt)
+    tree = str(common.image) if image_rt.on_system_disk else None
     settings = NodeSettings(
-        kernel=str(kern.path), image=str(common.image), mem=common.mem,
+        kernel=str(kern.path), mem=common.mem, tree=tree,
+        image=str(system_disk()) if tree else str(common.image),
         changes=str(common.changes) if common.changes else None,
         jobdir=str(jobdir), uid=uid, gid=gid, user=user,
         keep=bool(args.keep), verbose=args.verbose,
@@ -566,6 +602,7 @@ class NodeSettings:
     hub: dict | None = None  # hub_config(), for the hub transport
     seccomp: str = "auto"
     node: int = 0  # which node of the job this is (0: the head)
+    tree: str | None = None  # an imported image (booted from image)
 
     def to_dict(self):
         return dict(self.__dict__)
@@ -643,7 +680,8 @@ class NodeRun:
                 # over 9P the guest needs no hostfs path at all
                 hostfs=None if self.share_modules is not None else Path(
                     s.jobdir), net_args=net_args, net_fds=net_fds,
-                quiet=s.verbose < 2, extra_args=self.kernel_args(len(p.ranks)))
+                quiet=s.verbose < 2, extra_args=self.kernel_args(len(p.ranks))
+                + self.tree_args(rundir))
             lan_enter = enter if s.lan_netns else None
             if p.index == 0:
                 app.start(spec, self.env, stdin_fd=stdin_fd, enter=lan_enter)
@@ -659,6 +697,13 @@ class NodeRun:
         if ncpus > 1:
             args.append(f"ncpus={ncpus}")
         return tuple(args)
+
+    def tree_args(self, rundir):
+        """An imported image's tree, with a COW file of this appliance."""
+        if not self.s.tree:
+            return ()
+        return Disks(Path(self.s.image), rundir / "root.cow",
+                     Path(self.s.tree), rundir / "tree.cow").extra_args()
 
     def _start_hub(self, indexes):
         h = self.s.hub

@@ -13,7 +13,8 @@ REPO=$(pwd)
 APT_PACKAGES="user-mode-linux mmdebstrap e2fsprogs libslirp-helper gcc libc6-dev
   python3 python3-venv python3-dev python3-mpi4py openmpi-bin libopenmpi-dev mpich
   libmpich-dev iproute2 util-linux procps tar gzip diod slurm-wlm munge
-  make bc bison flex patch xz-utils chromium chromium-driver curl"
+  make bc bison flex patch xz-utils chromium chromium-driver curl
+  busybox-static umoci skopeo"
 export APPPOT_HOME="${APPPOT_HOME:-/var/cache/apppot}"  # machine-wide images
 
 if [ "$(id -u)" != 0 ]; then
@@ -51,6 +52,7 @@ echo "== building AppPot's UML kernel from Debian's linux-source (cached)" >&2
 echo "== building the appliance images (cached in $APPPOT_HOME)" >&2
 .venv/bin/apppot-image build --mpi openmpi
 .venv/bin/apppot-image build --mpi mpich
+.venv/bin/apppot-image build --mpi none  # the system disk of imported images
 .venv/bin/apppot-orchestrator image  # Open MPI + slurmd, for the orchestrator
 
 if [ "${1:-}" != "--no-demo" ]; then

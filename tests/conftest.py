@@ -89,6 +89,15 @@ def own_kernel():
 STOCK_KERNEL = "/usr/bin/linux.uml"  # Debian 12's UML 6.1 (mcast, no SMP)
 
 
+def scratch_dir(prefix, mode=0o755):
+    """A directory under /var/tmp (pytest's tmp_path is 0700 root) that
+    test users can read; a generator for fixtures: yields it, removes it."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    d.chmod(mode)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def jobdir():
     """A job dir any test user can write (pytest's tmp_path is 0700 root)."""

@@ -320,11 +320,15 @@ def run_request(conn, cmd, config):
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": config["home"],
            "USER": config["user"], "LOGNAME": config["user"],
            "LANG": "C.UTF-8", **config.get("env", {})}
+    if config.get("root"):  # an imported image: run in its tree
+        who = {"preexec_fn": lambda: enter_root(config)}
+    else:
+        who = {"cwd": config["cwd"], "user": config["uid"],
+               "group": config["gid"], "extra_groups": []}
     proc = subprocess.Popen(
         ["/bin/sh", "-c", cmd], stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-        cwd=config["cwd"], user=config["uid"], group=config["gid"],
-        extra_groups=[], start_new_session=True)
+        start_new_session=True, **who)
     lock = threading.Lock()
 
     def send(kind, data):
@@ -364,6 +368,16 @@ def run_request(conn, cmd, config):
         send(b"x", str(code).encode())
     except OSError:
         pass
+
+
+def enter_root(config):
+    """In the child, before exec: chroot into the image's tree, then drop
+    to the job user (Popen's own user= would drop first)."""
+    os.chroot(config["root"])
+    os.setgroups([])
+    os.setgid(config["gid"])
+    os.setuid(config["uid"])
+    os.chdir(config["cwd"])
 
 
 def console(msg):

@@ -55,7 +55,9 @@ def run(spec, user, log):
     config = {"secret": mpi["secret"], "ip": mpi["ip"], "uid": user["uid"],
               "gid": user["gid"], "user": user["name"], "home": user["home"],
               "cwd": spec.get("jobdir") or user["home"],
-              "env": mpi.get("agent_env", {})}
+              "env": mpi.get("agent_env", {}),
+              # an imported image: commands run in its tree (init's chroot)
+              "root": "/run/apppot-root" if spec.get("image_root") else None}
     write(f"{MPI_DIR}/agent.json", json.dumps(config), 0o600)
     console = os.open("/dev/console", os.O_WRONLY)
     subprocess.Popen(["/usr/bin/python3", "-IB", AGENT, "serve"],

@@ -1,7 +1,17 @@
 """apppot-image: build appliance images from Debian's packages, find them.
 
     apppot-image build [--mpi openmpi|mpich|none] [--packages a,b] [--output IMG]
+    apppot-image build RECIPE.toml [--output IMG]
+    apppot-image import ARCHIVE [--output IMG] [--ref NAME]
+    apppot-image inspect IMG
     apppot-image path [--mpi X]
+
+A recipe (TOML) names a base, an MPI, Debian and pip packages, files from
+the build context, post-install commands (run as root inside one boot of
+the new appliance, never on the host), environment, working directory,
+default command and labels: see apppot.recipe.  ``import`` turns a docker
+save / podman save archive or an OCI image layout into an image that boots
+on AppPot's system disk (``build --mpi none``): see apppot.oci.
 
 A build has two cached layers, each reused while its inputs are unchanged:
 1. the root file system from Debian's packages (mmdebstrap, a tar);
@@ -50,6 +60,7 @@ MPICH_MPI4PY = "mpi4py==4.1.2"
 GUEST_FILES = ("init.py", "snap.py")
 HERE = Path(__file__).parent
 SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
+LOADERS = {"x86_64": "ld-linux-x86-64.so.2", "aarch64": "ld-linux-aarch64.so.1"}
 
 
 def progress(step, total, text):
@@ -68,10 +79,12 @@ def host_sources():
     return None, ""
 
 
-def rootfs_inputs(mpi, packages):
-    sources_path, sources = host_sources()
+def rootfs_inputs(mpi, packages, suite=SUITE, sources=None):
+    """What the root file system depends on (its cache key); ``sources``:
+    (path, text) of the apt sources for a suite other than the host's."""
+    sources_path, sources = sources or host_sources()
     return {
-        "suite": SUITE,
+        "suite": suite,
         "variant": "minbase",
         "packages": sorted(set(BASE_PACKAGES) | set(MPI_PACKAGES[mpi])
                            | set(packages)),
@@ -134,7 +147,7 @@ def build_rootfs(inputs, cache):
             "--dpkgopt=path-exclude=/usr/share/man/*",
             "--dpkgopt=path-exclude=/usr/share/locale/*",
             "--dpkgopt=path-include=/usr/share/locale/locale.alias",
-            SUITE, tmp]
+            inputs["suite"], tmp]
     if inputs["sources_path"]:
         argv.append(inputs["sources_path"])
     run_cmd(argv)
@@ -162,9 +175,7 @@ def install_guest(root, mpi, wheel_dir):
         name = path.stem if path.suffix == ".sh" else path.name
         copy_into(path, at(f"usr/lib/apppot/{name}"))
     # the MPI launchers' remote start (agent.py), and apppot-snap
-    write_into(at("usr/lib/apppot/apppot-rsh"), "#!/bin/sh\nexec "
-               "/usr/bin/python3 -IB /usr/lib/apppot/agent.py rsh \"$@\"\n",
-               0o755)
+    write_into(at("usr/lib/apppot/apppot-rsh"), rsh_script(), 0o755)
     at("usr/local/bin").mkdir(parents=True, exist_ok=True)
     write_into(at("usr/local/bin/apppot-snap"), "#!/bin/sh\nexec "
                "/usr/bin/python3 -IB /usr/lib/apppot/snap.py \"$@\"\n", 0o755)
@@ -198,6 +209,26 @@ def install_guest(root, mpi, wheel_dir):
             p.unlink()  # unlinking a symlink never follows it
     write_into(at("etc/machine-id"), "")
     write_into(at("etc/fstab"), "# mounts are made by apppot-init\n")
+
+
+def rsh_script(machine=None):
+    """apppot-rsh: agent.py's client.  Inside an imported image's tree
+    (which may have no Python, or another one) it runs the system disk's
+    Python, mounted there by init, through the system disk's own dynamic
+    loader and libraries."""
+    machine = machine or platform.machine()
+    arch = f"{machine}-linux-gnu"
+    loader = LOADERS.get(machine, "ld-linux-x86-64.so.2")
+    sysroot = "/run/apppot/sysroot"
+    return (
+        "#!/bin/sh\n"
+        f"S={sysroot}\n"
+        "if [ -e $S/usr/lib/apppot/agent.py ]; then\n"
+        f"    exec $S/usr/lib/{arch}/{loader} --library-path "
+        f"$S/usr/lib/{arch} $S/usr/bin/python3 -IB "
+        "$S/usr/lib/apppot/agent.py rsh \"$@\"\n"
+        "fi\n"
+        "exec /usr/bin/python3 -IB /usr/lib/apppot/agent.py rsh \"$@\"\n")
 
 
 def copy_into(src, dest, mode=0o755):
@@ -236,49 +267,55 @@ def mkfs(root, out):
              f"{size_mib}M"])
 
 
-def finalize(image, verbose):
-    """Boot the new image once: init records the base state (apppot-snap)."""
+def boot_once(image, guest, verbose, *, mem=256 << 20, timeout=600):
+    """Boot ``image`` itself (no COW) once as guest root with ``guest``'s
+    action; its output goes to our stderr.  Returns the guest's status."""
     kern = kernel.find_kernel(os.environ.get("APPPOT_KERNEL"))
     rundir = Path(tempfile.mkdtemp(prefix="apppot-build-"))
-    guest = GuestSpec(uid=0, gid=0, user="root", group="root", jobdir=None,
-                      action="finalize")
-    with Watchdog() as dog, Appliance(rundir, name="image-finalize",
+    with Watchdog() as dog, Appliance(rundir, name=f"image-{guest.action}",
                                       verbose=verbose, watchdog=dog) as app:
         control = rundir / "control.tar"
         write_control_disk(control, guest.to_json())
         spec = ApplianceSpec(
-            kernel=kern.path, umid="finalize", uml_dir=rundir, mem_bytes=256 << 20,
-            image=image, cow=None, control=control, notify=rundir / "notify",
-            channels=app.make_channels())
+            kernel=kern.path, umid=guest.action, uml_dir=rundir,
+            mem_bytes=mem, image=image, cow=None, control=control,
+            notify=rundir / "notify", channels=app.make_channels())
         env = dict(os.environ)
         shim = kernel.xstate_shim()
         if shim:
             env["LD_PRELOAD"] = str(shim)
         app.start(spec, env, stdout_fd=2, stderr_fd=2)
-        code = app.wait(boot_timeout=180, timeout=600)
+        return app.wait(boot_timeout=180, timeout=timeout)
+
+
+def finalize(image, verbose):
+    """Boot the new image once: init records the base state (apppot-snap)."""
+    guest = GuestSpec(uid=0, gid=0, user="root", group="root", jobdir=None,
+                      action="finalize")
+    code = boot_once(image, guest, verbose)
     if code != 0:
         raise BuildError(f"first boot of the new image failed (status {code})",
                          hint="rerun with -v to see the boot log")
 
 
-def build(mpi="openmpi", packages=(), output=None, verbose=False, force=False):
+def require_root(command="build", why="Debian's packages install files "
+                 "owned by root"):
     if os.geteuid() != 0:
-        raise BuildError("apppot-image build needs root (Debian's packages "
-                         "install files owned by root)",
+        raise BuildError(f"apppot-image {command} needs root ({why})",
                          hint="run it with sudo; any user can then use the "
                          "image (--output puts it where they can read it)")
+
+
+def build(mpi="openmpi", packages=(), output=None, verbose=False, force=False):
+    require_root()
     home = check_cache_home(apppot_home())
     out = Path(output).absolute() if output else default_image(mpi, home)
     rinputs = rootfs_inputs(mpi, packages)
     inputs = image_inputs(key_of(rinputs), mpi)
     stamp = out.with_name(out.name + ".json")
-    if not force and out.exists() and stamp.exists():
-        try:
-            if json.loads(stamp.read_text()).get("inputs") == inputs:
-                progress(1, 1, f"image up to date: {out}")
-                return out
-        except (OSError, ValueError):
-            pass
+    if not force and up_to_date(out, stamp, inputs):
+        progress(1, 1, f"image up to date: {out}")
+        return out
     t0 = time.monotonic()
     progress(1, 4, f"root file system from Debian {SUITE} "
              f"({', '.join(rinputs['packages'])})")
@@ -304,10 +341,7 @@ def build(mpi="openmpi", packages=(), output=None, verbose=False, force=False):
         shutil.rmtree(root)
         progress(4, 4, "first boot: recording the base state")
         finalize(tmp_img, verbose)
-        os.chmod(tmp_img, 0o444)
-        if out.exists():
-            os.chmod(out, 0o644)
-        os.replace(tmp_img, out)
+        publish(tmp_img, out)
         stamp.write_text(json.dumps({"inputs": inputs, **meta}, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -317,14 +351,65 @@ def build(mpi="openmpi", packages=(), output=None, verbose=False, force=False):
     return out
 
 
+def recipe_help():
+    from . import recipe  # noqa: PLC0415
+
+    return "Recipes:\n" + recipe.__doc__.split("\n\n", 1)[1]
+
+
+def oci_help():
+    from . import oci  # noqa: PLC0415
+
+    return oci.__doc__
+
+
+def up_to_date(out, stamp, inputs):
+    """Was ``out`` built from ``inputs`` (its stamp says so)?"""
+    if not (out.exists() and stamp.exists()):
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("inputs") == inputs
+    except (OSError, ValueError):
+        return False
+
+
+def publish(tmp_img, out):
+    """A finished image becomes read-only (COW files record its mtime) and
+    replaces ``out``."""
+    os.chmod(tmp_img, 0o444)
+    if out.exists():
+        os.chmod(out, 0o644)
+    os.replace(tmp_img, out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="apppot-image", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build (or reuse) an appliance image")
+    b = sub.add_parser(
+        "build", help="build (or reuse) an appliance image",
+        description="Build the default image for --mpi, or the image of a "
+        "recipe.", epilog=recipe_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("recipe", nargs="?", help="a recipe file (TOML); its "
+                   "directory is the build context")
     p = sub.add_parser("path", help="print where the default image is")
+    i = sub.add_parser(
+        "import", help="import a docker save / podman save archive or an "
+        "OCI image layout", description=oci_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("archive", help="archive (tar, tar.gz) or OCI layout dir")
+    i.add_argument("--output", help="the image to write (default: ./NAME.img "
+                   "from the image's tag)")
+    i.add_argument("--ref", help="which image of an archive holding several "
+                   "(a tag such as busybox:latest)")
+    common_cli(i)
+    n = sub.add_parser("inspect", help="print the recipe or archive and the "
+                       "provenance an image was built from")
+    n.add_argument("image")
+    common_cli(n)
     for sp in (b, p):
         sp.add_argument("--mpi", choices=("openmpi", "mpich", "none"),
                         default=os.environ.get("APPPOT_MPI") or "openmpi",
@@ -340,6 +425,24 @@ def main(argv=None):
     try:
         if args.cmd == "path":
             print(default_image(args.mpi))
+            return 0
+        if args.cmd == "inspect":
+            from .recipebuild import inspect  # noqa: PLC0415
+
+            return inspect(args.image)
+        if args.cmd == "import":
+            from .oci import import_image  # noqa: PLC0415
+
+            import_image(args.archive, args.output, args.ref)
+            return 0
+        if args.recipe:
+            from .recipebuild import build as build_recipe  # noqa: PLC0415
+
+            if args.packages:
+                raise ConfigError("--packages with a recipe", hint="list "
+                                  "packages in the recipe's packages = [...]")
+            build_recipe(args.recipe, args.output, verbose=args.verbose >= 2,
+                         force=args.force)
             return 0
         packages = [p.strip() for p in args.packages.split(",") if p.strip()]
         for p in packages:

@@ -44,6 +44,9 @@ T0 = time.monotonic()
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC = 4096, 16384
+IMAGE_ROOT = "/run/apppot-root"  # an imported image's tree (its own disk)
+SYSROOT = RUN + "/sysroot"  # the system disk, seen from inside that tree
 
 
 class StepError(Exception):
@@ -76,6 +79,18 @@ def mount(source, target, fstype, flags=0, data=""):
         raise StepError(f"mount {fstype} on {target}: {os.strerror(err)}")
 
 
+def bind(source, target, flags=0):
+    """``mount --bind`` (MS_REC in ``flags`` for ``--rbind``); MS_RDONLY
+    makes the bind read-only (a second, remount call)."""
+    if libc.mount(source.encode(), target.encode(), None,
+                  MS_BIND | (flags & MS_REC), None) != 0 or (
+            flags & MS_RDONLY and libc.mount(
+                None, target.encode(), None,
+                MS_REMOUNT | MS_BIND | MS_RDONLY, None) != 0):
+        err = ctypes.get_errno()
+        raise StepError(f"bind {source} on {target}: {os.strerror(err)}")
+
+
 def power_off(code):
     """Report ``code`` through /proc/exitcode and halt; never returns."""
     try:
@@ -84,9 +99,12 @@ def power_off(code):
         pass
     if not os.path.exists("/proc/exitcode"):  # failed before /proc was up
         libc.mount(b"proc", b"/proc", b"proc", 0, None)
-    # a clean root: no journal replay at the next boot of this image or COW
-    if libc.mount(None, b"/", None, MS_REMOUNT | MS_RDONLY, None) != 0:
-        log(f"remount / read-only: {os.strerror(ctypes.get_errno())}")
+    # clean file systems: no journal replay at the next boot of the image,
+    # its COW, or an imported image's tree
+    for fs in (IMAGE_ROOT, "/"):
+        if (fs == "/" or os.path.ismount(fs)) and libc.mount(
+                None, fs.encode(), None, MS_REMOUNT | MS_RDONLY, None) != 0:
+            log(f"remount {fs} read-only: {os.strerror(ctypes.get_errno())}")
     for path, value in (("/proc/exitcode", f"{code}\n"),
                         ("/proc/sysrq-trigger", "o")):
         try:
@@ -218,6 +236,99 @@ def load_module(path):
         os.close(fd)
 
 
+def step_image_root(ctx):
+    """7b. An imported image (its tree on the third disk) becomes the
+    program's root: AppPot runs from this system disk and needs nothing of
+    the image (no Python, no shell).  Into the tree, resolved as a chroot
+    would (a link in the image never leads a mount out of it): /proc, /sys,
+    /dev, a fresh /tmp, /run/apppot (MPI files; the system disk read-only
+    under /run/apppot/sysroot for apppot-rsh), /usr/lib/apppot, /etc/hosts,
+    /etc/resolv.conf, /etc/hostname and the job dir; the job user in its
+    /etc/passwd and /etc/group."""
+    spec = ctx["spec"]
+    image = spec.get("image_root")
+    if not image:
+        return
+    root = IMAGE_ROOT
+    mount(image["device"], root, "ext4")
+
+    def inside(rel):
+        path = in_tree(root, rel)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    mount("proc", inside("proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("sysfs", inside("sys"), "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    bind("/dev", inside("dev"), MS_REC)
+    mount("tmpfs", inside("tmp"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    os.makedirs(SYSROOT, exist_ok=True)
+    bind("/", SYSROOT, MS_RDONLY)
+    bind(RUN, inside("run/apppot"), MS_REC)
+    bind(LIB, inside("usr/lib/apppot"), MS_RDONLY)
+    for rel in ("etc/hosts", "etc/resolv.conf", "etc/hostname"):
+        if os.path.exists("/" + rel):
+            inside("etc")
+            target = in_tree(root, rel)
+            if not os.path.lexists(target):
+                open(target, "w").close()
+            if os.path.isfile(target):
+                bind("/" + rel, target)
+    if spec.get("jobdir"):
+        bind(spec["jobdir"], inside(spec["jobdir"]), MS_REC)
+    if spec.get("cwd"):  # the image's WorkingDir, made if missing (Docker)
+        inside(spec["cwd"])
+    user = ctx["user"]
+    add_account(root, user)
+    home = in_tree(root, user["home"])
+    if not os.path.isdir(home):
+        os.makedirs(home, mode=0o755)
+        os.chown(home, user["uid"], user["gid"])
+    ctx["root"] = root
+    user["shell"] = "/bin/sh"
+
+
+def in_tree(root, rel):
+    """``rel`` inside the tree ``root``, symlinks resolved as in a chroot at
+    ``root`` (absolute targets start at it, ``..`` stops there).  The host's
+    ``apppot.trust.resolve_in``; init carries its own copy (standard library
+    only, nothing of the host package is in the guest)."""
+    todo = [p for p in rel.split("/") if p not in ("", ".")]
+    done, links = [], 0
+    while todo:
+        name = todo.pop(0)
+        if name == "..":
+            done = done[:-1]
+            continue
+        here = os.path.join(root, *done, name)
+        if os.path.islink(here):
+            links += 1
+            if links > 40:
+                raise StepError(f"too many symbolic links at {rel!r}")
+            target = os.readlink(here)
+            if target.startswith("/"):
+                done = []
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+            continue
+        done.append(name)
+    return os.path.join(root, *done)
+
+
+def add_account(root, user):
+    """The job user and group in the tree's own /etc/passwd and /etc/group
+    (programs look their user up there), unless the ids are there."""
+    for rel, key, line in (
+            ("etc/group", user["gid"], f"{user['name']}:x:{user['gid']}:"),
+            ("etc/passwd", user["uid"],
+             f"{user['name']}:x:{user['uid']}:{user['gid']}:AppPot job "
+             f"user:{user['home']}:/bin/sh")):
+        path = in_tree(root, rel)
+        if not os.path.isdir(os.path.dirname(path)) or os.path.islink(path):
+            continue
+        if not any(fields[2:3] == [str(key)] for fields in (
+                entry.split(":") for entry in read_db(path))):
+            append_line(path, line)
+
+
 def step_hooks(ctx):
     """8. Extra steps named by the spec (e.g. the MPI guest side)."""
     for name in ctx["spec"].get("hooks", []):
@@ -227,7 +338,15 @@ def step_hooks(ctx):
 
 def step_run(ctx):
     """9. Run the program with its exact argv, relay stdio, wait for it."""
-    ctx["status"] = run_program(ctx["spec"], ctx["user"])
+    ctx["status"] = run_program(ctx["spec"], ctx["user"], ctx.get("root"))
+
+
+def step_build(ctx):
+    """Image build from a recipe: its commands as root (step_run), then,
+    if they succeeded, the base state for ``apppot-snap``."""
+    step_run(ctx)
+    if ctx["status"] == 0:
+        step_finalize(ctx)
 
 
 def step_finalize(ctx):
@@ -241,8 +360,10 @@ def step_finalize(ctx):
 
 STEPS = [step_mount_basics, step_read_control, step_hostname,
          step_merge_changes, step_map_user, step_network, step_mount_jobdir,
-         step_hooks, step_run]
+         step_image_root, step_hooks, step_run]
 FINALIZE_STEPS = [step_mount_basics, step_read_control, step_finalize]
+BUILD_STEPS = [step_mount_basics, step_read_control, step_hostname,
+               step_map_user, step_build]
 
 
 # ------------------------------------------------------------------ helpers
@@ -472,11 +593,11 @@ def resolve_argv(spec, user):
         "interactive") else [user["shell"].encode()]
 
 
-def run_program(spec, user):
+def run_program(spec, user, root=None):
     interactive = bool(spec.get("interactive"))
     argv = resolve_argv(spec, user)
     env = program_env(spec, user)
-    cwd = spec.get("jobdir") or user["home"]
+    cwd = spec.get("cwd") or spec.get("jobdir") or user["home"]
 
     if interactive:
         term = open_tty_cooked("/dev/ttyS0", spec.get("winsize"))
@@ -501,7 +622,7 @@ def run_program(spec, user):
     notify(f"ready {time.monotonic() - T0:.3f}")
     pid = os.fork()
     if pid == 0:  # the program: never returns
-        exec_program(argv, env, cwd, user, child_fds, interactive)
+        exec_program(argv, env, cwd, user, child_fds, interactive, root)
     for fd in set(child_fds):
         os.close(fd)
     for t in threads:
@@ -530,7 +651,7 @@ def open_tty_cooked(path, winsize):
     return fd
 
 
-def exec_program(argv, env, cwd, user, fds, interactive):
+def exec_program(argv, env, cwd, user, fds, interactive, root=None):
     try:
         os.setsid()
         if interactive:
@@ -541,10 +662,20 @@ def exec_program(argv, env, cwd, user, fds, interactive):
             os.dup2(fd, target)
         os.closerange(3, 65536)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        os.initgroups(user["name"], user["gid"])
+        os.initgroups(user["name"], user["gid"])  # from the system's files
+        if root:  # an imported image: its tree is the program's /
+            # os.execvpe imports warnings for its PATH search: import it
+            # while this Python's library is still reachable
+            import warnings  # noqa: F401, PLC0415
+            os.chroot(root)
         os.setgid(user["gid"])
         os.setuid(user["uid"])
-        os.chdir(cwd)
+        try:
+            os.chdir(cwd)
+        except OSError as e:
+            os.write(2, f"apppot: cannot enter {cwd!r}: {e.strerror}\n"
+                     .encode())
+            os._exit(126)
         os.execvpe(argv[0], argv, env)
     except FileNotFoundError:
         msg, code = "command not found", 127
@@ -552,6 +683,8 @@ def exec_program(argv, env, cwd, user, fds, interactive):
         msg, code = "permission denied", 126
     except OSError as e:
         msg, code = e.strerror, 126
+    except BaseException as e:  # noqa: BLE001  never return into init's code
+        msg, code = f"{type(e).__name__}: {e}", 126
     name = argv[0].decode(errors="replace")
     os.write(2, f"apppot: cannot run {name!r}: {msg}\n".encode())
     os._exit(code)
@@ -593,8 +726,11 @@ def main():
     try:
         step_mount_basics(ctx)
         step_read_control(ctx)
-        if ctx["spec"].get("action") == "finalize":
+        action = ctx["spec"].get("action")
+        if action == "finalize":
             steps = FINALIZE_STEPS
+        elif action == "build":
+            steps = BUILD_STEPS
         for step in steps[2:]:
             log(step.__name__)
             step(ctx)

@@ -26,7 +26,7 @@ import tty
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, kernel, status
+from . import __version__, kernel, runtime, status
 from .appliance import (
     Appliance,
     check_max_map_count,
@@ -47,6 +47,7 @@ from .config import (
 from .errors import ConfigError
 from .images import check_changes, check_cow, check_image, parse_image_arg
 from .process import readable
+from .runtime import ImageRuntime
 from .spec import ApplianceSpec, GuestSpec, parse_env_args, slirp_net
 from .watchdog import Watchdog
 
@@ -71,7 +72,9 @@ def build_parser():
     parser = ArgumentParser(
         prog="apppot-start", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Without PROG, ./apppot-run in the job dir is run if it is "
+        epilog="Without PROG, the image's default command (a recipe's "
+        "command, an imported image's Entrypoint + Cmd, run in its "
+        "WorkingDir) runs, else ./apppot-run in the job dir if it is "
         "executable, else a shell.\nstdin and stdout on a terminal give an "
         "interactive session; else stdin (a pipe or file) is the program's "
         "stdin.\n\n"
@@ -362,6 +365,9 @@ def run(args, environ=None):
                       env=guest_env(environ, interactive, guest_vars),
                       hostname=umid[:63], interactive=interactive,
                       winsize=winsize)
+    image_rt = ImageRuntime.load(plan.image)
+    image_rt.apply(guest)
+    system = runtime.system_disk() if image_rt.on_system_disk else None
     rundir = make_rundir()
     keep = bool(args.keep)
     with Watchdog() as dog, Appliance(rundir, name=umid, keep=keep,
@@ -385,13 +391,14 @@ def run(args, environ=None):
             net_args, guest.net = slirp_net(fd)
         write_control_disk(control, guest.to_json(), plan.changes)
         notify = rundir / "notify"
+        disks = runtime.disks(image_rt, rundir, plan.cow, system)
         spec = ApplianceSpec(
             kernel=plan.kernel.path, umid=umid, uml_dir=rundir,
-            mem_bytes=plan.mem, image=plan.image,
-            cow=plan.cow or rundir / "root.cow", control=control,
-            notify=notify, channels=channels, hostfs=plan.jobdir,
-            net_args=net_args, net_fds=net_fds, quiet=args.verbose < 2,
-            extra_args=plan.kernel_args)
+            mem_bytes=plan.mem, image=disks.image, cow=disks.cow,
+            control=control, notify=notify, channels=channels,
+            hostfs=plan.jobdir, net_args=net_args, net_fds=net_fds,
+            quiet=args.verbose < 2,
+            extra_args=plan.kernel_args + disks.extra_args())
         log.info("kernel %s (%s), image %s, mem %d MiB, run dir %s",
                  spec.kernel, plan.kernel.version, spec.image,
                  spec.mem_bytes >> 20, rundir)

@@ -1,0 +1,1 @@
+"""Word statistics of text files (an AppPot recipe example)."""
