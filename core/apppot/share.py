@@ -33,6 +33,9 @@ MODULES = ("fs/netfs/netfs.ko", "fs/fscache/fscache.ko", "net/9p/9pnet.ko",
            "net/9p/9pnet_fd.ko", "fs/9p/9p.ko")
 
 
+NETFS_9P = (6, 6)  # 9P moved onto netfs; cache modes changed meaning
+
+
 def module_paths(kernel):
     """The 9P modules built for ``kernel`` (a Kernel): [] when 9P is built
     in, None when neither."""
@@ -56,12 +59,21 @@ class ShareSpec:
     uid: int
     gid: int
     user: str
+    netfs: bool = True  # the kernel's 9P client is netfs-based (6.6+)
+
+    def cache_options(self):
+        """Every read and write goes to the server (appends and MPI-IO stay
+        coherent across appliances), but files can be mapped MAP_SHARED,
+        through the page cache, written back on msync/munmap (as on NFS).
+        Before 6.6 ``cache=mmap`` meant exactly that; since the netfs
+        rework it also caches reads and writes, which ``directio`` undoes."""
+        return ["cache=mmap", "directio"] if self.netfs else ["cache=mmap"]
 
     def guest(self):
         opts = ",".join([
-            "trans=tcp", f"port={self.port}", "version=9p2000.L", "cache=none",
-            f"aname={self.jobdir}", "access=client", f"uname={self.user}",
-            "msize=65560"])
+            "trans=tcp", f"port={self.port}", "version=9p2000.L",
+            *self.cache_options(), f"aname={self.jobdir}", "access=client",
+            f"uname={self.user}", "msize=65560"])
         return {"type": "9p", "server": SLIRP_HOST, "options": opts,
                 "modules": list(self.modules)}
 
