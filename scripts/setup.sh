@@ -48,6 +48,9 @@ echo "== installing the project into .venv" >&2
 mkdir -p "$APPPOT_HOME" && chmod 755 "$APPPOT_HOME"
 echo "== building AppPot's UML kernel from Debian's linux-source (cached)" >&2
 .venv/bin/apppot-kernel build
+# the same without AppPot's patches: benchmarks.syscalls and .kernels
+# measure the two side by side (the tools always prefer the patched one)
+.venv/bin/apppot-kernel build --unpatched
 
 echo "== building the appliance images (cached in $APPPOT_HOME)" >&2
 .venv/bin/apppot-image build --mpi openmpi

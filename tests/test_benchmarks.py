@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.uml
+pytestmark = [pytest.mark.uml, pytest.mark.one_kernel]
 
 
 def test_quick_suite_output_is_complete(tmp_path, image):

@@ -6,7 +6,7 @@ import time
 import pytest
 from conftest import as_user, start, tool
 
-pytestmark = pytest.mark.uml
+pytestmark = [pytest.mark.uml, pytest.mark.one_kernel]
 
 
 def image_cmd(*args, user=None, env=None):

@@ -18,7 +18,7 @@ from ociarchive import docker_archive, entry, image_config, layer_tar, write_tar
 
 from apppot.images import default_image
 
-pytestmark = pytest.mark.uml
+pytestmark = [pytest.mark.uml, pytest.mark.one_kernel]
 
 APPLETS = ("sh", "echo", "id", "pwd", "printf", "cat", "ls", "env", "true",
            "false", "sleep", "test")

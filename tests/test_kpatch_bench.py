@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.uml
+pytestmark = [pytest.mark.uml, pytest.mark.one_kernel]
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -21,7 +21,7 @@ from conftest import NOBODY, start, tool
 from apppot.config import apppot_home
 from apppot.kernelbuild import built_kernels
 
-pytestmark = pytest.mark.uml
+pytestmark = [pytest.mark.uml, pytest.mark.one_kernel]
 
 PROGS = Path(__file__).with_name("progs")
 MODES = ("on", "off")  # --seccomp: seccomp mode, ptrace mode

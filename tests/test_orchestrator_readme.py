@@ -22,7 +22,7 @@ from conftest import is_uml
 from apppot.config import apppot_home
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = [pytest.mark.uml, pytest.mark.root]
+pytestmark = [pytest.mark.uml, pytest.mark.root, pytest.mark.one_kernel]
 NETNS = "apppot-elastic"
 STATE = Path("/run/apppot-slurm-elastic")
 

@@ -167,6 +167,7 @@ def hello_img(outdir):
 
 
 @pytest.mark.uml
+@pytest.mark.one_kernel
 def test_mpi_example_default_command_and_mpirun(hello_img, jobdir):
     r = start(["--image", str(hello_img)], cwd=jobdir)
     assert (r.returncode, r.stdout) == (0, b"mpi-hello 1.0 (MPI 3.1)\n")
@@ -180,6 +181,7 @@ def test_mpi_example_default_command_and_mpirun(hello_img, jobdir):
 
 
 @pytest.mark.uml
+@pytest.mark.one_kernel
 def test_mpi_example_is_reused_and_inspected(hello_img):
     r, took = build(EXAMPLES / "mpi-hello" / "apppot.toml", hello_img)
     assert r.returncode == 0 and "image up to date" in r.stderr
@@ -195,6 +197,7 @@ def test_mpi_example_is_reused_and_inspected(hello_img):
 
 
 @pytest.mark.uml
+@pytest.mark.one_kernel
 def test_python_example_with_pip(outdir, jobdir):
     out = outdir / "wordstats.img"
     r, took = build(EXAMPLES / "python-pip" / "apppot.toml", out)
@@ -214,6 +217,7 @@ def test_python_example_with_pip(outdir, jobdir):
 
 
 @pytest.mark.uml
+@pytest.mark.one_kernel
 def test_failing_post_command_names_its_line(tmp_path):
     path = write(tmp_path, 'mpi = "none"\npost = [\n  "true",\n'
                  '  "echo about to fail; exit 3",\n]\n')
@@ -227,6 +231,7 @@ def test_failing_post_command_names_its_line(tmp_path):
 
 
 @pytest.mark.uml
+@pytest.mark.one_kernel
 def test_debian_13_base(tmp_path, jobdir):
     path = write(tmp_path, 'base = "debian:13"\nmpi = "none"\n'
                  'command = ["cat", "/etc/debian_version"]\n')

@@ -26,6 +26,24 @@ def test_exact_argv_stdout_stderr_and_status(jobdir, nobody, image):
     assert b"Linux" not in r.stdout and b"apppot-init" not in r.stdout
 
 
+def test_the_pass_runs_the_kernel_it_names(jobdir, nobody, image):
+    """scripts/test.sh runs the appliance tests twice, the second time with
+    APPPOT_KERNEL naming Debian's 6.1: the guest runs exactly the kernel the
+    tools say they picked, so a pass cannot silently repeat the other."""
+    from apppot import kernel
+
+    chosen = kernel.find_kernel(os.environ.get("APPPOT_KERNEL"))
+    r = start(["-v", "uname", "-r"], cwd=jobdir, user=nobody)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == chosen.version, r.stderr
+    if "APPPOT_KERNEL" in os.environ:
+        assert os.path.realpath(chosen.path) == os.path.realpath(
+            os.environ["APPPOT_KERNEL"])
+    else:  # the first pass: AppPot's own build, patches and all
+        assert chosen.version.startswith("7."), chosen
+        assert chosen.has("patched"), chosen
+
+
 def test_argv_larger_than_kernel_command_line(jobdir, nobody, image):
     big = "y" * 20000
     r = start(["python3", "-c", "import sys; print(len(sys.argv[1]), "
