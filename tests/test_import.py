@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 from conftest import run_job, scratch_dir, start, tool
-from ociarchive import docker_archive, entry, image_config, layer_tar, write_tar
+from ociarchive import (
+    docker_archive,
+    entry,
+    image_config,
+    layer_tar,
+    oci_layout,
+    write_tar,
+)
+from ociregistry import Registry
 
 from apppot.images import default_image
 
@@ -43,8 +51,8 @@ def system_disk():
     return path
 
 
-@pytest.fixture(scope="module")
-def busybox_img(workdir, system_disk):
+def busybox_parts():
+    """Two layers (whiteouts, an opaque dir, a device node) and a config."""
     busybox = Path("/bin/busybox")
     assert busybox.exists(), "apt-get install busybox-static"
     base = [entry("bin", "dir"),
@@ -67,6 +75,12 @@ def busybox_img(workdir, system_disk):
         Entrypoint=["/bin/sh", "-c"],
         Cmd=['echo "$GREETING"; pwd; id -u; id -g; echo "$HOME"; exit 7'],
         User="app", WorkingDir="/srv/app")
+    return layers, config
+
+
+@pytest.fixture(scope="module")
+def busybox_img(workdir, system_disk):
+    layers, config = busybox_parts()
     archive = write_tar(docker_archive(layers, config, "busybox:test"),
                         workdir / "busybox.tar")
     out = workdir / "busybox.img"
@@ -75,6 +89,39 @@ def busybox_img(workdir, system_disk):
     assert "1 device nodes skipped; MPI: none" in r.stderr
     print(r.stderr.splitlines()[-1])
     return out
+
+
+def test_pull_from_a_registry_imports_the_same_image(busybox_img, workdir,
+                                                     jobdir):
+    """docker://REF: skopeo pulls from a registry (here one on 127.0.0.1
+    speaking plain HTTP), then the layout is imported as any other."""
+    layers, config = busybox_parts()
+    out = workdir / "pulled.img"
+    with Registry({("tools/busybox", "test"): oci_layout(layers, config)}
+                  ) as reg:
+        ref = f"docker://{reg.address}/tools/busybox:test"
+        r = image_cmd("import", ref, "--insecure-registry", "--output",
+                      str(out))
+        assert r.returncode == 0, r.stderr
+        assert f"pulling {ref}: skopeo copy" in r.stderr
+        assert ("GET", "/v2/tools/busybox/manifests/test") in reg.requests
+        # plain HTTP is refused unless asked for
+        r = image_cmd("import", ref, "--output", str(workdir / "no.img"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    err = r.stderr.splitlines()
+    assert err[-2].startswith(f"apppot-image: error: cannot pull {ref}: "), \
+        r.stderr
+    assert "HTTP response to HTTPS" in err[-2] or "TLS" in err[-2], err
+    assert err[-1].startswith("hint: ")
+    assert not (workdir / "no.img").exists()
+    pulled = json.loads(Path(str(out) + ".json").read_text())
+    saved = json.loads(Path(str(busybox_img) + ".json").read_text())
+    assert pulled["provenance"]["pulled"] == ref
+    assert pulled["provenance"]["layers"] == saved["provenance"]["layers"]
+    assert pulled["runtime"] == saved["runtime"]
+    r = start(["--image", str(out)], cwd=jobdir)
+    assert r.returncode == 7, r.stderr
+    assert r.stdout.decode().split("\n")[0] == "hi there"
 
 
 def test_default_command_honours_env_user_workdir(busybox_img, jobdir):

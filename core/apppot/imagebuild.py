@@ -397,10 +397,14 @@ def main(argv=None):
                    "directory is the build context")
     p = sub.add_parser("path", help="print where the default image is")
     i = sub.add_parser(
-        "import", help="import a docker save / podman save archive or an "
-        "OCI image layout", description=oci_help(),
+        "import", help="import a docker save / podman save archive, an "
+        "OCI image layout, or a registry image", description=oci_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    i.add_argument("archive", help="archive (tar, tar.gz) or OCI layout dir")
+    i.add_argument("archive", help="archive (tar, tar.gz), OCI layout dir, "
+                   "or docker://REGISTRY/NAME:TAG (pulled with skopeo)")
+    i.add_argument("--insecure-registry", action="store_true",
+                   help="pull over plain HTTP or with an unverified "
+                   "certificate (a registry on localhost)")
     i.add_argument("--output", help="the image to write (default: ./NAME.img "
                    "from the image's tag)")
     i.add_argument("--ref", help="which image of an archive holding several "
@@ -433,7 +437,8 @@ def main(argv=None):
         if args.cmd == "import":
             from .oci import import_image  # noqa: PLC0415
 
-            import_image(args.archive, args.output, args.ref)
+            import_image(args.archive, args.output, args.ref,
+                         args.insecure_registry)
             return 0
         if args.recipe:
             from .recipebuild import build as build_recipe  # noqa: PLC0415

@@ -1,11 +1,17 @@
 """apppot-image import: an OCI or Docker image as an AppPot user tree.
 
     apppot-image import ARCHIVE [--output IMG] [--ref NAME]
+    apppot-image import docker://REGISTRY/NAME:TAG [--insecure-registry]
 
 ARCHIVE is a ``docker save`` / ``podman save`` archive (docker-archive:
 ``manifest.json`` plus layer tars), or an OCI image layout (``oci-layout``,
 ``index.json``, ``blobs/``), as a directory or a tar (gzip-compressed
-outer tars too).  The layers are applied in order into an empty tree, with
+outer tars too).  A ``docker://`` reference is pulled from its registry
+first, into an OCI layout in a private temporary directory, with
+``skopeo copy`` (no daemon, no root needed for the pull; the registry's
+credentials as skopeo finds them, e.g. ``$REGISTRY_AUTH_FILE``).
+``--insecure-registry`` accepts plain HTTP or an unverified certificate
+(a registry on localhost).  The layers are applied in order into an empty tree, with
 the whiteouts of the OCI image spec (``.wh.NAME`` deletes NAME of the
 layers below, ``.wh..wh..opq`` empties its directory of them), modes,
 ownership, hard links, symlinks and file capabilities (xattrs) kept;
@@ -546,18 +552,94 @@ def progress(text, t0=None):
     print(f"{t}{text}", file=sys.stderr, flush=True)
 
 
-def default_output(archive, image):
-    tag = (image.tags or ("",))[0].rsplit("/", 1)[-1]
-    base = tag.replace(":", "-") if tag else Path(archive).name.split(".")[0]
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in base)
+def image_file_name(base):
+    """./BASE.img with BASE made safe ("debian:12" -> debian-12.img)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_"
+                   for c in base.replace(":", "-"))
     return Path.cwd() / f"{safe}.img"
 
 
-def import_image(archive, output=None, ref=None):
-    """Import ``archive`` into an ext4 image; returns its path."""
-    from .imagebuild import mkfs, publish, require_root  # noqa: PLC0415
+def default_output(archive, image):
+    tag = (image.tags or ("",))[0].rsplit("/", 1)[-1]
+    return image_file_name(tag or Path(archive).name.split(".")[0])
+
+
+PULL_SCHEME = "docker://"
+PULLED_TAG = "apppot-pulled"
+
+
+def pull_argv(reference, layout, insecure=False):
+    """skopeo's command line that copies ``reference`` into the OCI layout
+    directory ``layout`` (tagged PULLED_TAG)."""
+    return ["skopeo", "copy", "--quiet",
+            *(["--src-tls-verify=false"] if insecure else []),
+            reference, f"oci:{layout}:{PULLED_TAG}"]
+
+
+def check_reference(reference):
+    """NAME of docker://NAME, or a one-line error."""
+    name = reference[len(PULL_SCHEME):]
+    if not name or name.startswith("-") or any(
+            c.isspace() or not c.isprintable() for c in name):
+        raise ConfigError(f"registry reference {reference!r} is malformed",
+                          hint="docker://REGISTRY/NAME:TAG, e.g. "
+                          "docker://docker.io/library/debian:12")
+    return name
+
+
+def pull(reference, work, insecure=False):
+    """Pull ``reference`` (docker://...) into an OCI layout under ``work``."""
+    import shlex  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    check_reference(reference)
+    if not shutil.which("skopeo"):
+        raise ConfigError("skopeo not found: it pulls registry images",
+                          hint="apt-get install skopeo, or pull elsewhere "
+                          "(skopeo copy docker://... oci:DIR) and import DIR")
+    layout = Path(work) / "layout"
+    argv = pull_argv(reference, layout, insecure)
+    progress(f"pulling {reference}: {shlex.join(argv)}")
+    r = subprocess.run(argv, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, check=False)
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
+        if ' msg="' in why:  # skopeo's logrus line: the message alone
+            why = why.split(' msg="', 1)[1].rstrip('"').replace('\\"', '"')
+        raise BuildError(f"cannot pull {reference}: {why[:300]}",
+                         hint="check the name and tag, the registry's "
+                         "reachability and credentials; --insecure-registry "
+                         "for plain HTTP")
+    return layout
+
+
+def import_image(archive, output=None, ref=None, insecure=False):
+    """Import ``archive`` (or pull a ``docker://`` reference and import
+    it) into an ext4 image; returns its path."""
+    from .imagebuild import require_root  # noqa: PLC0415
 
     require_root("import", "the image's files keep their owners")
+    if not str(archive).startswith(PULL_SCHEME):
+        return _import(archive, output, ref)
+    if ref:
+        raise ConfigError("--ref with a registry reference",
+                          hint="name the tag in docker://REGISTRY/NAME:TAG")
+    name = check_reference(archive)
+    output = Path(output or image_file_name(name.rsplit("/", 1)[-1])
+                  ).absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # beside the image, like the import's own tree: not in a memory tmpfs
+    work = Path(tempfile.mkdtemp(prefix="apppot-pull-", dir=output.parent))
+    try:
+        return _import(pull(archive, work, insecure), output, PULLED_TAG,
+                       pulled=archive)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _import(archive, output=None, ref=None, pulled=None):
+    from .imagebuild import mkfs, publish  # noqa: PLC0415
+
     t0 = time.monotonic()
     src = Source(archive)
     try:
@@ -591,7 +673,9 @@ def import_image(archive, output=None, ref=None):
         "kind": "oci", "mpi": found[0] if found else "none",
         "mpi_found": found, "runtime": runtime,
         "provenance": {
-            "archive": str(Path(archive).absolute()), "format": image.format,
+            **({"pulled": pulled} if pulled else {
+                "archive": str(Path(archive).absolute())}),
+            "format": image.format,
             "tags": list(image.tags), "manifest": image.manifest_digest,
             "layers": [la.diff_id for la in image.layers],
             "created": image.config.get("created"),
