@@ -642,7 +642,8 @@ class NodeRun:
             files = [(f"modules/{m.name}", m) for m in self.share_modules]
             shared = share.ShareSpec(s.jobdir, port, tuple(
                 m.name for m in self.share_modules), s.uid, s.gid, s.user,
-                netfs=self.kern.version_tuple >= share.NETFS_9P).guest()
+                cache=share.cache_options(self.kern.version_tuple,
+                                          self.kern.patches)).guest()
             log.info("job dir shared over 9P (diod on port %d, private "
                      "network namespace)", port)
         link = 0  # the vec device number of the job dir link

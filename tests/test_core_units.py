@@ -330,3 +330,17 @@ def test_machine_wide_kernel_builds_are_candidates_without_apppot_home(
     monkeypatch.setenv("APPPOT_HOME", str(tmp_path / "own"))
     list(kernel._candidates())
     assert (build / "linux").resolve() not in loaded and loaded
+
+
+def test_job_dir_cache_options_per_kernel():
+    """Shared mappings only where appends stay whole: 6.1 as is, netfs
+    kernels only with AppPot's 9P patch, else no caching at all."""
+    from apppot.share import cache_options
+
+    assert cache_options((6, 1, 176)) == ("cache=mmap",)
+    assert cache_options((7, 2, 13)) == ("cache=none",)
+    assert cache_options((7, 2, 13), (
+        "0001-um-seccomp-spin-then-park-handoff.patch",)) == ("cache=none",)
+    assert cache_options((7, 2, 13), (
+        "0003-9p-appenders-keep-o-append-in-mmap-mode.patch",)) == (
+        "cache=mmap", "directio")

@@ -34,6 +34,24 @@ MODULES = ("fs/netfs/netfs.ko", "fs/fscache/fscache.ko", "net/9p/9pnet.ko",
 
 
 NETFS_9P = (6, 6)  # 9P moved onto netfs; cache modes changed meaning
+APPEND_PATCH = "9p-appenders-keep-o-append"  # AppPot's 7.2 series, 0003
+
+
+def cache_options(version, patches=()):
+    """9P cache options for a kernel (its version tuple and patch names):
+    every read and write goes to the server, so appends and MPI-IO stay
+    coherent across appliances, and, where the kernel allows it without
+    losing appends, files can be mapped MAP_SHARED (written back on msync
+    or munmap, as on NFS).  Before 6.6 ``cache=mmap`` is exactly that.
+    Since the netfs rework it caches reads and writes (``directio`` undoes
+    that) and drops O_APPEND on the server, so concurrent appenders
+    overwrite each other: only a kernel with AppPot's 9P patch gets it;
+    others get ``cache=none`` (no shared writable mappings)."""
+    if tuple(version) < NETFS_9P:
+        return ("cache=mmap",)
+    if any(APPEND_PATCH in name for name in patches):
+        return ("cache=mmap", "directio")
+    return ("cache=none",)
 
 
 def module_paths(kernel):
@@ -59,20 +77,12 @@ class ShareSpec:
     uid: int
     gid: int
     user: str
-    netfs: bool = True  # the kernel's 9P client is netfs-based (6.6+)
-
-    def cache_options(self):
-        """Every read and write goes to the server (appends and MPI-IO stay
-        coherent across appliances), but files can be mapped MAP_SHARED,
-        through the page cache, written back on msync/munmap (as on NFS).
-        Before 6.6 ``cache=mmap`` meant exactly that; since the netfs
-        rework it also caches reads and writes, which ``directio`` undoes."""
-        return ["cache=mmap", "directio"] if self.netfs else ["cache=mmap"]
+    cache: tuple = ("cache=none",)  # cache_options() for the kernel
 
     def guest(self):
         opts = ",".join([
             "trans=tcp", f"port={self.port}", "version=9p2000.L",
-            *self.cache_options(), f"aname={self.jobdir}", "access=client",
+            *self.cache, f"aname={self.jobdir}", "access=client",
             f"uname={self.user}", "msize=65560"])
         return {"type": "9p", "server": SLIRP_HOST, "options": opts,
                 "modules": list(self.modules)}
