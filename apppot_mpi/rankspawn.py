@@ -692,9 +692,13 @@ class NodeRun:
         return self.apps
 
     def kernel_args(self, nranks):
-        """seccomp mode, and one vCPU per rank up to this node's cores."""
+        """seccomp mode, and one vCPU per rank up to this node's cores
+        (in ptrace mode one: UML refuses SMP there, "SMP is not supported
+        with PTRACE userspace")."""
         args = list(seccomp_args(self.kern, self.s.seccomp))
         ncpus = min(nranks, os.cpu_count() or 1, self.kern.max_cpus)
+        if self.s.seccomp == "off":
+            ncpus = 1
         if ncpus > 1:
             args.append(f"ncpus={ncpus}")
         return tuple(args)

@@ -753,3 +753,24 @@ def test_agent_forwards_statuses_still_queued_when_stopped(tmp_path):
     os.close(fd)
     assert not t.is_alive()
     assert got == ["apppot:rank 0 0", "apppot:rank 2 9", "apppot:rank 1 5"]
+
+
+def test_ptrace_mode_appliances_get_one_vcpu():
+    """UML refuses SMP in ptrace mode: --seccomp off packs the ranks into a
+    one-vCPU appliance instead of one that cannot boot."""
+    from types import SimpleNamespace
+
+    class Kern:
+        max_cpus = 8
+
+        def has(self, feature):
+            return feature == "seccomp"
+
+    def args(mode):
+        node = SimpleNamespace(kern=Kern(), s=SimpleNamespace(seccomp=mode))
+        return rankspawn.NodeRun.kernel_args(node, 4)
+
+    cpus = min(4, os.cpu_count() or 1)
+    assert args("on") == ("seccomp=on",) + ((f"ncpus={cpus}",) if cpus > 1
+                                             else ())
+    assert args("off") == ("seccomp=off",)
