@@ -78,7 +78,9 @@ def per_args(per, own_kernel):
 @pytest.mark.parametrize(("check", "expect"), POSIX, ids=[c for c, _ in POSIX])
 def test_job_dir_is_a_posix_file_system(progs, nobody, image, mpich_image,
                                         own_kernel, mpi, per, check, expect):
-    r = mpirun(["--mpi", mpi, *per_args(per, own_kernel), "-n", "3",
+    pin = ["--kernel", own_kernel] if check == "mmap" and per == "rank" \
+        else []  # Debian's 6.1: EPERM (README), checked on AppPot's kernel
+    r = mpirun(["--mpi", mpi, *per_args(per, own_kernel), *pin, "-n", "3",
                 "python3", "posixfs.py", check], cwd=progs, user=nobody)
     assert r.returncode == 0, r.stdout + r.stderr
     assert expect.encode() in r.stdout, r.stdout + r.stderr
