@@ -28,9 +28,9 @@ STOCK = "/usr/bin/linux.uml"
 
 
 def own_kernel():
-    from apppot.kernelbuild import built_kernels
+    from apppot.kernelbuild import cached_builds
 
-    found = built_kernels()
+    found = cached_builds()
     if not found:
         raise SystemExit("modes: AppPot's kernel is missing (apppot-kernel "
                          "build)")

@@ -447,10 +447,9 @@ def run_batch(jobs, kernels, root, slurm_env=None):
 
 # -------------------------------------------------------------- the driver
 def kernels_here():
-    from apppot.images import cache_homes
-    from apppot.kernelbuild import built_kernels
+    from apppot.kernelbuild import cached_builds
 
-    own = [k for h in cache_homes() for k in built_kernels(h)]
+    own = cached_builds()
     if not own:
         raise SystemExit("soak: AppPot's kernel is missing (apppot-kernel "
                          "build)")

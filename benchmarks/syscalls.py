@@ -99,10 +99,9 @@ def profile(quick):
 def own_kernels(patched=None, unpatched=None):
     """(patched, unpatched) paths of AppPot's own builds: given, else the
     newest cached build with, and without, a patch series."""
-    from apppot.images import cache_homes  # noqa: PLC0415
-    from apppot.kernelbuild import built_kernels  # noqa: PLC0415
+    from apppot.kernelbuild import cached_builds  # noqa: PLC0415
 
-    found = [k for home in cache_homes() for k in built_kernels(home)]
+    found = cached_builds()
     if patched is None:
         patched = next((str(p) for p, m in found if m.get("patches")), None)
     if unpatched is None:

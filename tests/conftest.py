@@ -77,9 +77,9 @@ def uml_kernel():
 def own_kernel():
     """AppPot's own UML build (SMP, seccomp, no mcast): apppot-kernel build."""
     from apppot.images import cache_homes
-    from apppot.kernelbuild import built_kernels
+    from apppot.kernelbuild import cached_builds
 
-    found = [k for home in cache_homes() for k in built_kernels(home)]
+    found = cached_builds()
     assert found, ("AppPot's kernel missing under "
                    f"{' or '.join(map(str, cache_homes()))} "
                    "(build it: apppot-kernel build)")

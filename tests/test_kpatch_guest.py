@@ -19,7 +19,8 @@ import pytest
 from conftest import NOBODY, start, tool
 
 from apppot.config import apppot_home
-from apppot.kernelbuild import built_kernels
+from apppot.images import cache_homes
+from apppot.kernelbuild import cached_builds
 
 pytestmark = [pytest.mark.uml, pytest.mark.one_kernel]
 
@@ -30,11 +31,10 @@ MODES = ("on", "off")  # --seccomp: seccomp mode, ptrace mode
 @pytest.fixture(scope="session")
 def patched_kernel():
     """AppPot's kernel built with its patch series (apppot-kernel build)."""
-    found = [(p, m) for p, m in built_kernels(apppot_home())
-             if m.get("patches")]
-    assert found, (f"no patched kernel under {apppot_home()}/kernels "
-                   "(build it: apppot-kernel build)")
-    return str(found[0][0])
+    found = [p for p, m in cached_builds() if m.get("patches")]
+    assert found, (f"no patched kernel under {' or '.join(map(str, cache_homes()))}"
+                   " (build it: apppot-kernel build)")
+    return str(found[0])
 
 
 @pytest.fixture(scope="session")

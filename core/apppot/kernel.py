@@ -98,11 +98,9 @@ def _candidates(home=None):
     builds (newest first, see apppot-kernel; without $APPPOT_HOME also the
     machine-wide ones scripts/setup.sh builds, as for images), then the
     distribution's."""
-    from .images import cache_homes  # noqa: PLC0415
-    from .kernelbuild import built_kernels  # noqa: PLC0415
+    from .kernelbuild import cached_builds  # noqa: PLC0415
 
-    homes = [home] if home is not None else cache_homes()
-    paths = [p for h in homes for p, _ in built_kernels(h)]
+    paths = [p for p, _ in cached_builds(None if home is None else [home])]
     paths += [Path(shutil.which(c) or c) for c in DEFAULT_KERNELS]
     seen = set()
     for p in paths:

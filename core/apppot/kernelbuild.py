@@ -39,6 +39,7 @@ from pathlib import Path
 from . import kernel
 from .config import apppot_home, common_cli, report_error, setup_logging
 from .errors import AppPotError, BuildError, ConfigError
+from .images import cache_homes
 from .trust import check_cache_home
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,13 @@ def built_kernels(home=None):
     return sorted(out, key=lambda x: (_vtuple(x[1].get("version", "")),
                                       bool(x[1].get("patches"))),
                   reverse=True)
+
+
+def cached_builds(homes=None):
+    """``built_kernels`` of every cache home the tools look in
+    (``images.cache_homes``), in that order."""
+    homes = cache_homes() if homes is None else homes
+    return [k for home in homes for k in built_kernels(home)]
 
 
 def prune(kdir, series, keep):
