@@ -34,8 +34,10 @@ import json
 import os
 import platform
 import posixpath
+import shlex
 import shutil
 import stat
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -588,11 +590,8 @@ def check_reference(reference):
 
 
 def pull(reference, work, insecure=False):
-    """Pull ``reference`` (docker://...) into an OCI layout under ``work``."""
-    import shlex  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-
-    check_reference(reference)
+    """Pull ``reference`` (docker://..., checked by ``check_reference``)
+    into an OCI layout under ``work``."""
     if not shutil.which("skopeo"):
         raise ConfigError("skopeo not found: it pulls registry images",
                           hint="apt-get install skopeo, or pull elsewhere "
