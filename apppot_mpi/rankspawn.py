@@ -246,8 +246,8 @@ def launcher_argv(flavour, nranks, prog, *, exports=(), tag_output=False,
             # exiting with their own status (RANK_GRACE ends the job then)
             "--mca", "orte_abort_on_non_zero_status", "0",
             # session dirs and PMIx's shared-memory store on the guest's
-            # tmpfs, whatever TMPDIR says (in the 9P job dir PMIx cannot
-            # map its store)
+            # tmpfs, whatever TMPDIR says: they are per appliance, and the
+            # job dir may not allow shared mappings (share.cache_options)
             "--mca", "orte_tmpdir_base", "/tmp"]
     if as_root:
         argv.append("--allow-run-as-root")
